@@ -1,0 +1,148 @@
+// The cross-entropy math shared by the CPU and CUDA kernels.
+//
+// Every loss fused_ce computes is, per row i of logits z (V classes),
+//
+//     loss_i = sum_c T_c * (lse - z_c),        lse = log sum_c exp(z_c)
+//
+// for a target distribution T set by F.cross_entropy's options:
+//
+//     T_c = w_c * (on_target * q_c + smoothing)
+//       q         = onehot(y_i) for class-index targets, the target row for probabilities
+//       on_target = 1 - label_smoothing,   smoothing = label_smoothing / V
+//       w         = the class weights (all ones without `weight`)
+//
+// and its gradient is  d loss_i / d z_c = mass * softmax_c - T_c  with mass = sum_c T_c.
+// Backward scales the two terms by per-row coefficients:
+//
+//     grad_c = p_coef * softmax_c - t_coef * T_c
+//       p_coef = dL/dloss_i * mass + dL/dlse_i,   t_coef = dL/dloss_i
+//
+// which covers every reduction, z-loss (through dL/dlse) and a differentiable lse.
+//
+// This header is plain C++ usable from host and device code; the functions are
+// templates over the accumulation type (float, or double for float64 inputs).
+#pragma once
+
+#include <cmath>
+#include <limits>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FUSED_CE_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define FUSED_CE_HOST_DEVICE inline
+#endif
+
+namespace fused_ce {
+
+// The parameters of T that are the same for every row.
+struct TargetSpec {
+  double on_target;  // 1 - label_smoothing
+  double smoothing;  // label_smoothing / V
+};
+
+template <typename acc_t>
+FUSED_CE_HOST_DEVICE acc_t neg_inf() {
+  return -std::numeric_limits<acc_t>::infinity();
+}
+
+// Running statistics of a row, or of a part of it, relative to its running max:
+//
+//     sum  = sum_c exp(z_c - max)          so that lse = max + log(sum)
+//     mass = sum_c T_c
+//     gap  = sum_c T_c * (max - z_c)       (every term >= 0)
+//
+// Then loss = mass * log(sum) + gap: two non-negative terms, so a confident
+// prediction (loss -> 0) keeps full relative precision, where mass*lse - sum T z
+// would cancel. Parts merge exactly like the online log-sum-exp.
+template <typename acc_t>
+struct RowStats {
+  acc_t max;
+  acc_t sum;
+  acc_t mass;
+  acc_t gap;
+};
+
+template <typename acc_t>
+FUSED_CE_HOST_DEVICE RowStats<acc_t> empty_row_stats() {
+  return {neg_inf<acc_t>(), acc_t(0), acc_t(0), acc_t(0)};
+}
+
+// (On the GPU, --use_fast_math turns these into the hardware approximations.)
+FUSED_CE_HOST_DEVICE float exp_(float x) { return expf(x); }
+FUSED_CE_HOST_DEVICE double exp_(double x) { return exp(x); }
+FUSED_CE_HOST_DEVICE float log_(float x) { return logf(x); }
+FUSED_CE_HOST_DEVICE double log_(double x) { return log(x); }
+FUSED_CE_HOST_DEVICE float tanh_(float x) { return tanhf(x); }
+FUSED_CE_HOST_DEVICE double tanh_(double x) { return tanh(x); }
+// at::vec::Vectorized on the CPU.
+template <typename Vec>
+inline Vec tanh_(const Vec& x) {
+  return x.tanh();
+}
+
+// Re-expresses `s` relative to a new running max (new_max >= s.max).
+template <typename acc_t>
+FUSED_CE_HOST_DEVICE RowStats<acc_t> rescale(RowStats<acc_t> s, acc_t new_max) {
+  if (s.max == new_max) return s;  // also covers -inf == -inf
+  // An empty part (max = -inf) has sum = mass = gap = 0 and stays so.
+  if (s.max != neg_inf<acc_t>()) s.sum *= exp_(s.max - new_max);
+  if (s.mass != acc_t(0)) s.gap += s.mass * (new_max - s.max);
+  s.max = new_max;
+  return s;
+}
+
+// Online log-sum-exp merge of two parts of a row.
+template <typename acc_t>
+FUSED_CE_HOST_DEVICE RowStats<acc_t> merge(RowStats<acc_t> a, RowStats<acc_t> b) {
+  // NaN must win, as in PyTorch: fmax would drop it.
+  const acc_t m = (a.max != a.max || b.max != b.max) ? a.max + b.max : (a.max > b.max ? a.max : b.max);
+  a = rescale(a, m);
+  b = rescale(b, m);
+  return {m, a.sum + b.sum, a.mass + b.mass, a.gap + b.gap};
+}
+
+// The contribution T * (max - z) of one target entry; 0 when T is 0 (as xlogy
+// defines 0 * log 0), so masked logits (-inf) outside the target stay harmless.
+template <typename acc_t>
+FUSED_CE_HOST_DEVICE acc_t target_gap(acc_t t, acc_t row_max, acc_t z) {
+  return t == acc_t(0) ? acc_t(0) : t * (row_max - z);
+}
+
+// Adds one target entry T_c (at logit z) to stats whose max is final.
+template <typename acc_t>
+FUSED_CE_HOST_DEVICE void add_target(RowStats<acc_t>& s, acc_t t, acc_t z) {
+  s.mass += t;
+  s.gap += target_gap(t, s.max, z);
+}
+
+template <typename acc_t>
+FUSED_CE_HOST_DEVICE acc_t row_lse(const RowStats<acc_t>& s) {
+  return s.max + log_(s.sum);
+}
+
+template <typename acc_t>
+FUSED_CE_HOST_DEVICE acc_t row_loss(const RowStats<acc_t>& s) {
+  // An all-zero target (an ignored row) has loss 0 whatever its logits hold.
+  return s.mass == acc_t(0) ? acc_t(0) : s.mass * log_(s.sum) + s.gap;
+}
+
+// Gemma-2 style logit soft-capping z = cap * tanh(x / cap); cap <= 0 means off.
+// The templates also serve at::vec::Vectorized, which has .tanh().
+template <typename T>
+FUSED_CE_HOST_DEVICE T softcap_value(T x, T cap, T inv_cap) {
+  return cap * tanh_(x * inv_cap);
+}
+// dz/dx of the soft-cap, written in terms of its output z.
+template <typename T>
+FUSED_CE_HOST_DEVICE T softcap_slope(T z, T inv_cap) {
+  const T u = z * inv_cap;
+  return T(1) - u * u;
+}
+
+// One gradient entry before the soft-cap chain rule: p_coef * softmax_c - t_coef * T_c.
+template <typename T>
+FUSED_CE_HOST_DEVICE T grad_value(T prob, T t, T p_coef, T t_coef) {
+  return p_coef * prob - t_coef * t;
+}
+
+}  // namespace fused_ce

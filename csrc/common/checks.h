@@ -1,0 +1,68 @@
+// Argument checks shared by the CPU and CUDA registrations. The Python API checks
+// user input first, with messages in F.cross_entropy's terms; these guard the ops
+// themselves, which opcheck and torch.compile call directly.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <optional>
+
+#include "common/ce_math.h"
+
+namespace fused_ce {
+
+// The dtype of the kernels' arithmetic and of `weight`: fp64 for fp64 logits, else fp32.
+inline at::ScalarType accumulate_type(at::ScalarType logits) {
+  return logits == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_forward_args(const at::Tensor& logits, const at::Tensor& target,
+                               const std::optional<at::Tensor>& weight, double label_smoothing, double softcap) {
+  TORCH_CHECK_VALUE(logits.dim() == 2, "logits must be 2-D [N, V], got ", logits.dim(), " dimensions");
+  TORCH_CHECK_TYPE(logits.is_floating_point(), "logits must be floating point, got ", logits.scalar_type());
+  TORCH_CHECK_VALUE(logits.size(1) <= 1 || logits.stride(1) == 1, "logits must have unit stride along classes");
+  const int64_t N = logits.size(0), V = logits.size(1);
+  TORCH_CHECK_VALUE(V > 0, "logits must have at least one class, got V = 0");
+  TORCH_CHECK_VALUE(target.device() == logits.device(), "target must be on the logits' device (", logits.device(),
+                    "), got ", target.device());
+  if (target.is_floating_point()) {
+    TORCH_CHECK_VALUE(target.sizes() == logits.sizes(), "probability target must have the logits' shape ",
+                      logits.sizes(), ", got ", target.sizes());
+    TORCH_CHECK_TYPE(target.scalar_type() == logits.scalar_type(), "probability target must have the logits' dtype (",
+                     logits.scalar_type(), "), got ", target.scalar_type());
+    TORCH_CHECK_VALUE(V <= 1 || target.stride(1) == 1, "probability target must have unit stride along classes");
+  } else {
+    TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, "class-index target must be int64, got ",
+                     target.scalar_type());
+    TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == N, "class-index target must have shape [", N,
+                      "], got ", target.sizes());
+  }
+  if (weight.has_value()) {
+    const at::Tensor& w = *weight;
+    TORCH_CHECK_VALUE(w.device() == logits.device(), "weight must be on the logits' device (", logits.device(),
+                      "), got ", w.device());
+    TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == V, "weight must have shape [", V, "], got ", w.sizes());
+    TORCH_CHECK_TYPE(w.scalar_type() == accumulate_type(logits.scalar_type()), "weight must be ",
+                     accumulate_type(logits.scalar_type()), " for ", logits.scalar_type(), " logits, got ",
+                     w.scalar_type());
+  }
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0, "label_smoothing must be in [0, 1], got ",
+                    label_smoothing);
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0.0, "softcap must be finite and >= 0 (0 = off), got ",
+                    softcap);
+}
+
+inline void check_row_vector(const at::Tensor& t, const char* name, const at::Tensor& logits) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == logits.size(0), name, " must have shape [", logits.size(0),
+                    "], got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == logits.device(), name, " must be on the logits' device");
+}
+
+inline TargetSpec target_spec(double label_smoothing, int64_t num_classes) {
+  return {1.0 - label_smoothing, label_smoothing / static_cast<double>(num_classes)};
+}
+
+}  // namespace fused_ce

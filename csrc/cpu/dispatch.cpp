@@ -1,0 +1,122 @@
+// CPU registration of the fused_ce ops: argument checks, output allocation, and
+// the choice of the kernels' instruction set (the one ATen itself uses, which
+// honours ATEN_CPU_CAPABILITY).
+#include <ATen/Version.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <c10/util/accumulate.h>
+
+#include <cstdlib>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+#include <torch/library.h>
+
+#include "common/checks.h"
+#include "cpu/kernels.h"
+
+namespace fused_ce::cpu {
+namespace {
+
+enum class Isa { kDefault, kAvx2, kAvx512 };
+
+Isa kernel_isa() {
+  static const Isa isa = [] {
+#if defined(__x86_64__) || defined(_M_X64)
+    const std::string cap = at::get_cpu_capability();
+    if (cap == "AVX512") return Isa::kAvx512;
+    if (cap == "AVX2") return Isa::kAvx2;
+#endif
+    return Isa::kDefault;
+  }();
+  return isa;
+}
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define FUSED_CE_CPU_CALL(fn, ...)                   \
+  switch (kernel_isa()) {                            \
+    case Isa::kAvx512: AVX512::fn(__VA_ARGS__); break; \
+    case Isa::kAvx2: AVX2::fn(__VA_ARGS__); break;     \
+    default: DEFAULT::fn(__VA_ARGS__); break;          \
+  }
+#else
+#define FUSED_CE_CPU_CALL(fn, ...) DEFAULT::fn(__VA_ARGS__)
+#endif
+
+KernelArgs make_args(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                     int64_t ignore_index, double label_smoothing, double softcap) {
+  check_forward_args(logits, target, weight, label_smoothing, softcap);
+  return {logits, target, weight.has_value() ? weight->contiguous() : at::Tensor(), ignore_index,
+          target_spec(label_smoothing, logits.size(1)), softcap};
+}
+
+// The gradient is the one N x V buffer the ops allocate. Faulting in a fresh
+// 0.5 GB buffer 4 KB page by page costs more than the kernel that fills it (about
+// 150 ms against 50 ms on the development machines), so large buffers are aligned
+// to 2 MB and advised onto transparent huge pages. Kernels without THP ignore it.
+at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr size_t kHugePage = size_t(2) << 20;
+  const size_t nbytes = c10::multiply_integers(sizes) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
+  if (nbytes >= 16 * kHugePage) {
+    const size_t rounded = (nbytes + kHugePage - 1) / kHugePage * kHugePage;
+    void* data = std::aligned_alloc(kHugePage, rounded);
+    if (data != nullptr) {
+      madvise(data, rounded, MADV_HUGEPAGE);
+      return at::from_blob(data, sizes, [](void* p) { std::free(p); }, options);
+    }
+  }
+#endif
+  return at::empty(sizes, options);
+}
+
+// On the CPU an out-of-range class index raises (the CUDA kernels write NaN instead).
+void check_target_range(const at::Tensor& target, int64_t num_classes, int64_t ignore_index) {
+  if (target.is_floating_point()) return;
+  const int64_t* y = target.const_data_ptr<int64_t>();
+  const int64_t stride = target.stride(0);
+  for (int64_t i = 0; i < target.size(0); ++i) {
+    const int64_t v = y[i * stride];
+    TORCH_CHECK_INDEX(v == ignore_index || (v >= 0 && v < num_classes), "target: class index ", v, " at position ",
+                      i, " is out of range [0, ", num_classes, ") and is not ignore_index (", ignore_index, ")");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                                           const std::optional<at::Tensor>& weight,
+                                                           int64_t ignore_index, double label_smoothing,
+                                                           double softcap) {
+  KernelArgs args = make_args(logits, target, weight, ignore_index, label_smoothing, softcap);
+  check_target_range(target, logits.size(1), ignore_index);
+  if (!target.is_floating_point()) args.target = target.contiguous();
+  const auto opts = logits.options().dtype(at::kFloat);
+  at::Tensor loss = at::empty({logits.size(0)}, opts);
+  at::Tensor lse = at::empty({logits.size(0)}, opts);
+  at::Tensor mass = at::empty({logits.size(0)}, opts);
+  FUSED_CE_CPU_CALL(forward, args, loss, lse, mass);
+  return {loss, lse, mass};
+}
+
+at::Tensor backward_cpu(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                        const at::Tensor& lse, const at::Tensor& p_coef, const at::Tensor& t_coef,
+                        int64_t ignore_index, double label_smoothing, double softcap) {
+  KernelArgs args = make_args(logits, target, weight, ignore_index, label_smoothing, softcap);
+  check_target_range(target, logits.size(1), ignore_index);
+  if (!target.is_floating_point()) args.target = target.contiguous();
+  check_row_vector(lse, "lse", logits);
+  check_row_vector(p_coef, "p_coef", logits);
+  check_row_vector(t_coef, "t_coef", logits);
+  at::Tensor grad = empty_large(logits.sizes(), logits.options());
+  FUSED_CE_CPU_CALL(backward, args, lse.contiguous(), p_coef.contiguous(), t_coef.contiguous(), grad);
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_ce, CPU, m) {
+  m.impl("cross_entropy_forward", &forward_cpu);
+  m.impl("cross_entropy_backward", &backward_cpu);
+}
+
+}  // namespace fused_ce::cpu

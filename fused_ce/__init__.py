@@ -1,0 +1,28 @@
+"""fused_ce: fused cross-entropy kernels (CPU and CUDA) for large-vocabulary training.
+
+``fused_ce.cross_entropy`` is a drop-in replacement for ``torch.nn.functional.cross_entropy``
+that reads each row of logits once (an online log-sum-exp), keeps nothing of size N x V
+for backward, and writes the gradient in one pass.
+"""
+
+try:
+    from . import _C  # noqa: F401  -- loading the library registers the ops
+except ImportError as e:  # pragma: no cover - depends on the build
+    raise ImportError(
+        "fused_ce's compiled extension fused_ce._C could not be loaded "
+        f"({e}). Build it with `pip install --no-build-isolation -e .` from the repository root."
+    ) from e
+
+from . import ops  # noqa: F401,E402  -- fake kernels and autograd of the ops
+from .functional import cross_entropy, set_target_validation  # noqa: E402
+from .modules import CrossEntropyLoss  # noqa: E402
+from .ops import cuda_kernels_available  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CrossEntropyLoss",
+    "cross_entropy",
+    "cuda_kernels_available",
+    "set_target_validation",
+]
