@@ -166,7 +166,7 @@ def extension():
     include_dirs = [os.path.join(ROOT, "csrc")]
     macros = []
     if with_cuda:
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
         nvcc = [
             "-O3",
             "--use_fast_math",

@@ -5,6 +5,8 @@ that reads each row of logits once (an online log-sum-exp), keeps nothing of siz
 for backward, and writes the gradient in one pass.
 """
 
+import torch  # noqa: F401  -- loads libtorch, which fused_ce._C links against
+
 try:
     from . import _C  # noqa: F401  -- loading the library registers the ops
 except ImportError as e:  # pragma: no cover - depends on the build

@@ -30,6 +30,20 @@ def set_target_validation(enabled: bool) -> None:
     _validate_targets = bool(enabled)
 
 
+def _check_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        from .ops import cuda_kernels_available
+
+        if not cuda_kernels_available():
+            raise RuntimeError(
+                "input is a CUDA tensor but this build of fused_ce has no CUDA kernels. Rebuild it with "
+                "`FUSED_CE_CUDA=1 pip install --no-build-isolation -e .` (needs a CUDA build of torch and nvcc; "
+                "set CUDA_HOME if nvcc is not found)"
+            )
+    elif device.type != "cpu":
+        raise NotImplementedError(f"fused_ce runs on CPU and CUDA tensors, got a tensor on {device}")
+
+
 def _check_reduction(reduction: str) -> None:
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -61,6 +75,7 @@ def _as_rows(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index:
         raise ValueError("input must have a class dimension: shape (C), (N, C) or (N, C, d1, ..., dk), got a scalar")
     if input.device != target.device:
         raise ValueError(f"input and target must be on the same device, got {input.device} and {target.device}")
+    _check_device(input.device)
     if not isinstance(label_smoothing, (int, float)) or not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):

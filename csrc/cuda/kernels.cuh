@@ -1,0 +1,344 @@
+// CUDA kernels of fused_ce. Included by one launch_<dtype>.cu per dtype, so
+// the dtypes compile in parallel.
+//
+// A row is owned by a group of kThreads threads: a warp for small vocabularies
+// (8 rows per block), a whole block for large ones. Each thread reads its share
+// of the row in 16-byte vectors -- after a scalar head up to the first aligned
+// address, so odd V and unaligned rows stay correct -- and keeps running
+// statistics (common/ce_math.h) that merge across the group in a fixed order,
+// so results are bitwise reproducible. All offsets are int64.
+#pragma once
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+
+#include "common/ce_math.h"
+#include "cuda/launch.h"
+
+namespace fused_ce::cuda {
+
+// Which parts of the target distribution T the element loop must handle.
+enum class TargetMode {
+  kOneHot,    // class index, no smoothing: T is one entry, added once per row
+  kSmoothed,  // class index with label smoothing: T_c = smoothing * w_c plus the one-hot entry
+  kProbs,     // probability targets: T_c = w_c * (on_target * q_c + smoothing)
+};
+
+template <typename scalar_t>
+constexpr int kVecWidth = 16 / sizeof(scalar_t);
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+// Threads per row by vocabulary size (a launch heuristic, to be tuned on the GPU):
+//   V <= 1024      32 (a warp per row, 8 rows per block)
+//   V <= 8192     256 (a block per row)
+//   larger        512 (a block per row)
+constexpr int kWarp = 32;
+constexpr int kSmallRowBlock = 256;
+
+inline int threads_per_row(int64_t num_classes) {
+  if (num_classes <= 1024) return 32;
+  if (num_classes <= 8192) return 256;
+  return 512;
+}
+
+template <int kThreads>
+constexpr int block_size() {
+  return kThreads < kSmallRowBlock ? kSmallRowBlock : kThreads;
+}
+
+// The row split around 16-byte alignment: scalars in [0, head), whole vectors in
+// [head, body_end), scalars in [body_end, V).
+struct RowSplit {
+  int64_t head;
+  int64_t body_end;
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ RowSplit split_row(const scalar_t* row, int64_t num_classes) {
+  constexpr int W = kVecWidth<scalar_t>;
+  const auto misalign = reinterpret_cast<uintptr_t>(row) % 16;
+  int64_t head = misalign == 0 ? 0 : (16 - misalign) / sizeof(scalar_t);
+  if (misalign % sizeof(scalar_t) != 0) head = num_classes;  // not element-aligned: all scalar
+  head = head < num_classes ? head : num_classes;
+  return {head, head + (num_classes - head) / W * W};
+}
+
+// Visits the elements of the row this thread owns: f_vec(c0) for each whole
+// vector [c0, c0 + W), f_scalar(c) for each element of the scalar head and tail.
+template <typename scalar_t, int kThreads, typename VecFn, typename ScalarFn>
+__device__ __forceinline__ void for_each_owned(const RowSplit& split, int64_t num_classes, int lane, VecFn f_vec,
+                                               ScalarFn f_scalar) {
+  constexpr int W = kVecWidth<scalar_t>;
+  if (lane < split.head) f_scalar(int64_t(lane));
+  for (int64_t c = split.head + int64_t(lane) * W; c < split.body_end; c += int64_t(kThreads) * W) f_vec(c);
+  const int64_t tail = split.body_end + lane;
+  if (tail < num_classes) f_scalar(tail);
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t fmax_(acc_t a, acc_t b) {
+  return a > b ? a : b;  // a NaN b is dropped here; the exp-sum still turns NaN
+}
+
+template <typename acc_t>
+__device__ __forceinline__ RowStats<acc_t> shfl_xor(const RowStats<acc_t>& s, int offset) {
+  return {__shfl_xor_sync(0xffffffffu, s.max, offset), __shfl_xor_sync(0xffffffffu, s.sum, offset),
+          __shfl_xor_sync(0xffffffffu, s.mass, offset), __shfl_xor_sync(0xffffffffu, s.gap, offset)};
+}
+
+// Merges the statistics of the kThreads threads of a row; every thread gets the
+// same result (the merge order is fixed and symmetric).
+template <int kThreads, typename acc_t>
+__device__ __forceinline__ RowStats<acc_t> merge_row(RowStats<acc_t> s) {
+  constexpr int kWarpWidth = kThreads < kWarp ? kThreads : kWarp;
+#pragma unroll
+  for (int offset = kWarpWidth / 2; offset > 0; offset /= 2) s = merge(s, shfl_xor(s, offset));
+  if constexpr (kThreads > kWarp) {
+    constexpr int kWarps = kThreads / kWarp;
+    __shared__ RowStats<acc_t> partial[kWarps];
+    const int warp = threadIdx.x / kWarp;
+    if (threadIdx.x % kWarp == 0) partial[warp] = s;
+    __syncthreads();
+    s = partial[0];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) s = merge(s, partial[w]);
+  }
+  return s;
+}
+
+template <typename scalar_t>
+struct RowContext {
+  using acc_t = acc_type<scalar_t>;
+  const RowProblem<scalar_t>& p;
+  int64_t row;
+  const scalar_t* logits;
+  const scalar_t* probs;  // probability targets, or nullptr
+  int64_t index;          // class-index target; -1 when ignored or out of range
+  bool ignored;
+  bool bad_target;  // class index out of range (not ignore_index): NaN results
+
+  __device__ RowContext(const RowProblem<scalar_t>& problem, int64_t r)
+      : p(problem), row(r), logits(problem.logits + r * problem.logits_stride), probs(nullptr), index(-1),
+        ignored(false), bad_target(false) {
+    if (problem.target_probs != nullptr) {
+      probs = problem.target_probs + r * problem.target_stride;
+    } else {
+      const int64_t y = problem.target_index[r];
+      ignored = y == problem.ignore_index;
+      bad_target = !ignored && (y < 0 || y >= problem.num_classes);
+      index = ignored || bad_target ? -1 : y;
+    }
+  }
+
+  __device__ __forceinline__ acc_t logit(scalar_t x) const {
+    const acc_t v = static_cast<acc_t>(x);
+    return p.cap > acc_t(0) ? softcap_value(v, p.cap, p.inv_cap) : v;
+  }
+  __device__ __forceinline__ acc_t weight(int64_t c) const { return p.weight ? p.weight[c] : acc_t(1); }
+
+  // The spread part of T_c (everything but the one-hot entry).
+  template <TargetMode kMode>
+  __device__ __forceinline__ acc_t spread_target(int64_t c) const {
+    if constexpr (kMode == TargetMode::kProbs) {
+      return weight(c) * (p.on_target * static_cast<acc_t>(probs[c]) + p.smoothing);
+    } else if constexpr (kMode == TargetMode::kSmoothed) {
+      return ignored ? acc_t(0) : p.smoothing * weight(c);
+    } else {
+      return acc_t(0);
+    }
+  }
+
+  // The whole T_c, one-hot entry included.
+  template <TargetMode kMode>
+  __device__ __forceinline__ acc_t target(int64_t c) const {
+    acc_t t = spread_target<kMode>(c);
+    if constexpr (kMode != TargetMode::kProbs) {
+      if (c == index) t += p.on_target * weight(c);
+    }
+    return t;
+  }
+};
+
+// Adds n logits z (and their spread targets) to a thread's running statistics.
+template <TargetMode kMode, int n, typename acc_t>
+__device__ __forceinline__ void accumulate(RowStats<acc_t>& s, const acc_t (&z)[n], const acc_t (&t)[n]) {
+  acc_t m = s.max;
+#pragma unroll
+  for (int k = 0; k < n; ++k) m = fmax_(m, z[k]);
+  s = rescale(s, m);
+  if (m == neg_inf<acc_t>()) {  // only -inf so far: nothing to add to the sum
+    if constexpr (kMode != TargetMode::kOneHot) {
+#pragma unroll
+      for (int k = 0; k < n; ++k) s.mass += t[k];
+    }
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < n; ++k) {
+    s.sum += exp_(z[k] - m);
+    if constexpr (kMode != TargetMode::kOneHot) {
+      s.mass += t[k];
+      s.gap += target_gap(t[k], m, z[k]);
+    }
+  }
+}
+
+template <typename scalar_t, int kThreads, TargetMode kMode>
+__global__ void __launch_bounds__(block_size<kThreads>())
+    forward_kernel(const RowProblem<scalar_t> p, const ForwardOutputs out) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int W = kVecWidth<scalar_t>;
+  constexpr int kRowsPerBlock = block_size<kThreads>() / kThreads;
+  const int lane = threadIdx.x % kThreads;
+  const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreads;
+  // A whole block shares a row when kThreads > 32, so this exit is block-uniform then.
+  if (row >= p.num_rows) return;
+
+  const RowContext<scalar_t> ctx(p, row);
+  const RowSplit split = split_row(ctx.logits, p.num_classes);
+  RowStats<acc_t> s = empty_row_stats<acc_t>();
+  for_each_owned<scalar_t, kThreads>(
+      split, p.num_classes, lane,
+      [&](int64_t c0) {
+        const auto pk = *reinterpret_cast<const Pack<scalar_t, W>*>(ctx.logits + c0);
+        acc_t z[W], t[W];
+#pragma unroll
+        for (int k = 0; k < W; ++k) {
+          z[k] = ctx.logit(pk.v[k]);
+          t[k] = ctx.template spread_target<kMode>(c0 + k);
+        }
+        accumulate<kMode>(s, z, t);
+      },
+      [&](int64_t c) {
+        const acc_t z[1] = {ctx.logit(ctx.logits[c])};
+        const acc_t t[1] = {ctx.template spread_target<kMode>(c)};
+        accumulate<kMode>(s, z, t);
+      });
+  s = merge_row<kThreads>(s);
+
+  if (lane == 0) {
+    if (ctx.bad_target) {
+      // Never read out of bounds: the row's results are NaN (see set_target_validation).
+      const float nan = __int_as_float(0x7fffffff);
+      out.loss[row] = out.lse[row] = out.mass[row] = nan;
+      return;
+    }
+    if (ctx.index >= 0) {
+      add_target(s, acc_t(p.on_target * ctx.weight(ctx.index)), ctx.logit(ctx.logits[ctx.index]));
+    }
+    out.lse[row] = static_cast<float>(row_lse(s));
+    out.loss[row] = static_cast<float>(row_loss(s));
+    out.mass[row] = static_cast<float>(s.mass);
+  }
+}
+
+template <typename scalar_t, int kThreads, TargetMode kMode>
+__global__ void __launch_bounds__(block_size<kThreads>())
+    backward_kernel(const RowProblem<scalar_t> p, const BackwardInputs in, scalar_t* __restrict__ grad) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int W = kVecWidth<scalar_t>;
+  constexpr int kRowsPerBlock = block_size<kThreads>() / kThreads;
+  const int lane = threadIdx.x % kThreads;
+  const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreads;
+  if (row >= p.num_rows) return;
+
+  const RowContext<scalar_t> ctx(p, row);
+  scalar_t* g = grad + row * p.num_classes;
+  const acc_t lse = in.lse[row], p_coef = in.p_coef[row], t_coef = in.t_coef[row];
+  const bool zero_row = p_coef == acc_t(0) && (ctx.ignored || t_coef == acc_t(0));
+  const acc_t nan = acc_t(__int_as_float(0x7fffffff));
+
+  auto grad_at = [&](acc_t z, int64_t c) -> acc_t {
+    if (zero_row) return acc_t(0);  // nothing flows into this row
+    if (ctx.bad_target) return nan;
+    acc_t v = grad_value(exp_(z - lse), ctx.template target<kMode>(c), p_coef, t_coef);
+    if (p.cap > acc_t(0)) v *= softcap_slope(z, p.inv_cap);
+    return v;
+  };
+
+  const RowSplit split = split_row(ctx.logits, p.num_classes);
+  // The gradient rows are contiguous, so their alignment can differ from the
+  // logits'; then the vectors are stored element by element.
+  const bool aligned_out = reinterpret_cast<uintptr_t>(g) % 16 == reinterpret_cast<uintptr_t>(ctx.logits) % 16;
+  for_each_owned<scalar_t, kThreads>(
+      split, p.num_classes, lane,
+      [&](int64_t c0) {
+        const auto pk = *reinterpret_cast<const Pack<scalar_t, W>*>(ctx.logits + c0);
+        Pack<scalar_t, W> res;
+#pragma unroll
+        for (int k = 0; k < W; ++k) res.v[k] = static_cast<scalar_t>(grad_at(ctx.logit(pk.v[k]), c0 + k));
+        if (aligned_out) {
+          *reinterpret_cast<Pack<scalar_t, W>*>(g + c0) = res;
+        } else {
+#pragma unroll
+          for (int k = 0; k < W; ++k) g[c0 + k] = res.v[k];
+        }
+      },
+      [&](int64_t c) { g[c] = static_cast<scalar_t>(grad_at(ctx.logit(ctx.logits[c]), c)); });
+}
+
+template <typename scalar_t, int kThreads, TargetMode kMode>
+void launch_forward_as(const RowProblem<scalar_t>& p, const ForwardOutputs& out, cudaStream_t stream) {
+  constexpr int kRowsPerBlock = block_size<kThreads>() / kThreads;
+  const int64_t blocks = (p.num_rows + kRowsPerBlock - 1) / kRowsPerBlock;
+  forward_kernel<scalar_t, kThreads, kMode><<<blocks, block_size<kThreads>(), 0, stream>>>(p, out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t, int kThreads, TargetMode kMode>
+void launch_backward_as(const RowProblem<scalar_t>& p, const BackwardInputs& in, scalar_t* grad,
+                        cudaStream_t stream) {
+  constexpr int kRowsPerBlock = block_size<kThreads>() / kThreads;
+  const int64_t blocks = (p.num_rows + kRowsPerBlock - 1) / kRowsPerBlock;
+  backward_kernel<scalar_t, kThreads, kMode><<<blocks, block_size<kThreads>(), 0, stream>>>(p, in, grad);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Turns the runtime choices (threads per row, target mode) into template arguments.
+template <typename scalar_t, typename Fn>
+void dispatch_row_kernel(const RowProblem<scalar_t>& p, Fn&& fn) {
+  auto with_mode = [&](auto threads) {
+    if (p.target_probs != nullptr) {
+      fn(threads, std::integral_constant<TargetMode, TargetMode::kProbs>{});
+    } else if (p.smoothing != 0) {
+      fn(threads, std::integral_constant<TargetMode, TargetMode::kSmoothed>{});
+    } else {
+      fn(threads, std::integral_constant<TargetMode, TargetMode::kOneHot>{});
+    }
+  };
+  switch (threads_per_row(p.num_classes)) {
+    case 32: with_mode(std::integral_constant<int, 32>{}); break;
+    case 256: with_mode(std::integral_constant<int, 256>{}); break;
+    default: with_mode(std::integral_constant<int, 512>{}); break;
+  }
+}
+
+template <typename scalar_t>
+void launch_forward(const RowProblem<scalar_t>& p, const ForwardOutputs& out, cudaStream_t stream) {
+  if (p.num_rows == 0) return;
+  dispatch_row_kernel(p, [&](auto threads, auto mode) {
+    launch_forward_as<scalar_t, decltype(threads)::value, decltype(mode)::value>(p, out, stream);
+  });
+}
+
+template <typename scalar_t>
+void launch_backward(const RowProblem<scalar_t>& p, const BackwardInputs& in, scalar_t* grad, cudaStream_t stream) {
+  if (p.num_rows == 0) return;
+  dispatch_row_kernel(p, [&](auto threads, auto mode) {
+    launch_backward_as<scalar_t, decltype(threads)::value, decltype(mode)::value>(p, in, grad, stream);
+  });
+}
+
+#define FUSED_CE_INSTANTIATE_CUDA_KERNELS(scalar_t)                                                       \
+  template void launch_forward<scalar_t>(const RowProblem<scalar_t>&, const ForwardOutputs&, cudaStream_t); \
+  template void launch_backward<scalar_t>(const RowProblem<scalar_t>&, const BackwardInputs&, scalar_t*,    \
+                                          cudaStream_t);
+
+}  // namespace fused_ce::cuda

@@ -1,0 +1,6 @@
+// Instantiates the CUDA kernels for float logits (one file per dtype: they compile in parallel).
+#include "cuda/kernels.cuh"
+
+namespace fused_ce::cuda {
+FUSED_CE_INSTANTIATE_CUDA_KERNELS(float)
+}  // namespace fused_ce::cuda

@@ -1,0 +1,19 @@
+# Sourced by scripts/test.sh and scripts/bench.sh: creates (once) a virtual
+# environment in .venv with what fused_ce needs, and builds fused_ce into it.
+# Needs Python >= 3.10 and a C++ compiler; the CUDA kernels are built too when
+# torch is a CUDA build and a CUDA toolkit (nvcc) is found.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+PYTHON=${PYTHON:-python3}
+"$PYTHON" -c 'import sys; assert sys.version_info >= (3, 10), "fused_ce needs Python >= 3.10"'
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+python -m pip install -q --upgrade pip setuptools wheel
+python -m pip install -q "torch>=2.4" ninja numpy pytest hypothesis
+# The build reuses build/ between runs; MAX_JOBS bounds its parallel compiles.
+MAX_JOBS=${MAX_JOBS:-$(nproc)} python -m pip install -q --no-build-isolation -e .
+python -c 'import fused_ce, torch; print(f"fused_ce built: torch {torch.__version__}, CUDA kernels: {fused_ce.cuda_kernels_available()}, GPU visible: {torch.cuda.is_available()}")'
