@@ -12,35 +12,10 @@
 #include <torch/library.h>
 
 #include "common/checks.h"
-#include "cuda/launch.h"
+#include "cuda/problem.h"
 
 namespace fused_ce::cuda {
 namespace {
-
-template <typename scalar_t>
-RowProblem<scalar_t> make_problem(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
-                                  int64_t ignore_index, double label_smoothing, double softcap) {
-  using acc_t = acc_type<scalar_t>;
-  const TargetSpec spec = target_spec(label_smoothing, logits.size(1));
-  RowProblem<scalar_t> p{};
-  p.logits = logits.const_data_ptr<scalar_t>();
-  p.logits_stride = logits.stride(0);
-  p.num_rows = logits.size(0);
-  p.num_classes = logits.size(1);
-  if (target.is_floating_point()) {
-    p.target_probs = target.const_data_ptr<scalar_t>();
-    p.target_stride = target.stride(0);
-  } else {
-    p.target_index = target.const_data_ptr<int64_t>();
-  }
-  p.weight = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
-  p.ignore_index = ignore_index;
-  p.on_target = static_cast<acc_t>(spec.on_target);
-  p.smoothing = static_cast<acc_t>(spec.smoothing);
-  p.cap = softcap > 0 ? static_cast<acc_t>(softcap) : acc_t(0);
-  p.inv_cap = softcap > 0 ? static_cast<acc_t>(1.0 / softcap) : acc_t(0);
-  return p;
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& logits, const at::Tensor& target,
                                                             const std::optional<at::Tensor>& weight,

@@ -1,5 +1,6 @@
-// CUDA kernels of fused_ce. Included by one launch_<dtype>.cu per dtype, so
-// the dtypes compile in parallel.
+// CUDA kernels of fused_ce (device code only; launch.cuh launches them). The
+// file also compiles as host C++ under tests/cuda_emulator, which runs the
+// kernels thread by thread on the CPU to test their indexing without a GPU.
 //
 // A row is owned by a group of kThreads threads: a warp for small vocabularies
 // (8 rows per block), a whole block for large ones. Each thread reads its share
@@ -9,11 +10,11 @@
 // so results are bitwise reproducible. All offsets are int64.
 #pragma once
 
-#include <c10/cuda/CUDAException.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common/ce_math.h"
 #include "cuda/launch.h"
@@ -284,26 +285,10 @@ __global__ void __launch_bounds__(block_size<kThreads>())
       [&](int64_t c) { g[c] = static_cast<scalar_t>(grad_at(ctx.logit(ctx.logits[c]), c)); });
 }
 
-template <typename scalar_t, int kThreads, TargetMode kMode>
-void launch_forward_as(const RowProblem<scalar_t>& p, const ForwardOutputs& out, cudaStream_t stream) {
-  constexpr int kRowsPerBlock = block_size<kThreads>() / kThreads;
-  const int64_t blocks = (p.num_rows + kRowsPerBlock - 1) / kRowsPerBlock;
-  forward_kernel<scalar_t, kThreads, kMode><<<blocks, block_size<kThreads>(), 0, stream>>>(p, out);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename scalar_t, int kThreads, TargetMode kMode>
-void launch_backward_as(const RowProblem<scalar_t>& p, const BackwardInputs& in, scalar_t* grad,
-                        cudaStream_t stream) {
-  constexpr int kRowsPerBlock = block_size<kThreads>() / kThreads;
-  const int64_t blocks = (p.num_rows + kRowsPerBlock - 1) / kRowsPerBlock;
-  backward_kernel<scalar_t, kThreads, kMode><<<blocks, block_size<kThreads>(), 0, stream>>>(p, in, grad);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// Turns the runtime choices (threads per row, target mode) into template arguments.
+// Turns the runtime choices (threads per row: 32, 256 or 512; the target mode)
+// into template arguments.
 template <typename scalar_t, typename Fn>
-void dispatch_row_kernel(const RowProblem<scalar_t>& p, Fn&& fn) {
+void dispatch_row_kernel(const RowProblem<scalar_t>& p, int threads, Fn&& fn) {
   auto with_mode = [&](auto threads) {
     if (p.target_probs != nullptr) {
       fn(threads, std::integral_constant<TargetMode, TargetMode::kProbs>{});
@@ -313,32 +298,11 @@ void dispatch_row_kernel(const RowProblem<scalar_t>& p, Fn&& fn) {
       fn(threads, std::integral_constant<TargetMode, TargetMode::kOneHot>{});
     }
   };
-  switch (threads_per_row(p.num_classes)) {
+  switch (threads) {
     case 32: with_mode(std::integral_constant<int, 32>{}); break;
     case 256: with_mode(std::integral_constant<int, 256>{}); break;
     default: with_mode(std::integral_constant<int, 512>{}); break;
   }
 }
-
-template <typename scalar_t>
-void launch_forward(const RowProblem<scalar_t>& p, const ForwardOutputs& out, cudaStream_t stream) {
-  if (p.num_rows == 0) return;
-  dispatch_row_kernel(p, [&](auto threads, auto mode) {
-    launch_forward_as<scalar_t, decltype(threads)::value, decltype(mode)::value>(p, out, stream);
-  });
-}
-
-template <typename scalar_t>
-void launch_backward(const RowProblem<scalar_t>& p, const BackwardInputs& in, scalar_t* grad, cudaStream_t stream) {
-  if (p.num_rows == 0) return;
-  dispatch_row_kernel(p, [&](auto threads, auto mode) {
-    launch_backward_as<scalar_t, decltype(threads)::value, decltype(mode)::value>(p, in, grad, stream);
-  });
-}
-
-#define FUSED_CE_INSTANTIATE_CUDA_KERNELS(scalar_t)                                                       \
-  template void launch_forward<scalar_t>(const RowProblem<scalar_t>&, const ForwardOutputs&, cudaStream_t); \
-  template void launch_backward<scalar_t>(const RowProblem<scalar_t>&, const BackwardInputs&, scalar_t*,    \
-                                          cudaStream_t);
 
 }  // namespace fused_ce::cuda

@@ -3,7 +3,11 @@
 // checks arguments, allocates outputs and calls these.
 #pragma once
 
+#ifdef FUSED_CE_CUDA_EMULATION  // tests/cuda_emulator: no CUDA toolkit needed
+typedef struct CUstream_st* cudaStream_t;
+#else
 #include <cuda_runtime_api.h>
+#endif
 
 #include <cstdint>
 #include <type_traits>

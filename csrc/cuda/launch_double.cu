@@ -1,5 +1,5 @@
 // Instantiates the CUDA kernels for double logits (one file per dtype: they compile in parallel).
-#include "cuda/kernels.cuh"
+#include "cuda/launch.cuh"
 
 namespace fused_ce::cuda {
 FUSED_CE_INSTANTIATE_CUDA_KERNELS(double)

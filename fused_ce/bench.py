@@ -1,0 +1,661 @@
+"""Benchmark of ``fused_ce.cross_entropy`` against ``torch.nn.functional.cross_entropy``.
+
+Run it from the repository root, with the package built::
+
+    python -m fused_ce.bench                    # default device: CUDA if present, else the CPU
+    python -m fused_ce.bench --quick            # tiny shapes, few reps: checks that it runs
+    python -m fused_ce.bench --device cuda --shapes 16384x128256 --dtypes bfloat16 \\
+        --impls fused_ce,torch --passes fwd+bwd --reps 50 --json out/ce.json
+
+Defaults: on the CPU 4096x32000 in float32; on CUDA 16384x128256 and 8192x256000
+(Llama 3 and Gemma vocabularies), in bfloat16 and float32.
+
+What runs
+    Every implementation of ``IMPLS`` that ``--impls`` names -- ``fused_ce``; ``torch``,
+    eager ``F.cross_entropy``; ``torch.compile``, ``torch.compile(F.cross_entropy,
+    dynamic=False)`` compiled afresh for each shape and dtype during warm-up -- on
+    random logits ``[N, V]`` (a leaf tensor) and random class-index targets in
+    ``[0, V)``, with the default ``reduction="mean"``, for two passes:
+
+    * ``fwd``: the loss under ``torch.no_grad()``, as for evaluation;
+    * ``fwd+bwd``: the loss and ``loss.backward()`` into ``logits.grad``, which is
+      reset to ``None`` after each call, outside the timed region (so every call
+      allocates its gradient afresh, as a training step does).
+
+    An implementation that cannot run (no compiler for ``torch.compile``, out of
+    memory, ...) is reported as skipped with the reason; the others go on.
+
+What is reported, per (pass, impl, N, V, dtype)
+    * ``ms``: the median time of one call. On CUDA every call is timed with CUDA
+      events, after warm-up; on the CPU with ``time.perf_counter``. The
+      implementations are interleaved within each repetition (round robin, the first
+      one rotating from rep to rep), so that the noise of a shared machine falls on
+      all of them alike.
+    * ``GB/s``: counted bytes over the median time. The counted bytes are the memory
+      traffic floor of the op, the same for every implementation so that GB/s compare
+      directly: ``fwd`` reads the logits once (``N*V*elt`` bytes); ``fwd+bwd`` reads
+      them once and writes the gradient once (``2*N*V*elt``). An implementation that
+      makes more passes over memory shows a lower GB/s. On CUDA the table also gives
+      it as a percentage of the device's copy bandwidth, measured as
+      ``dst.copy_(src)`` of 2 GiB and counted as read + write (``meta.copy_gbps``).
+    * ``peak MB``: the extra peak memory of one call beyond its inputs, in MiB
+      (2**20 bytes), measured in a separate untimed call: on CUDA
+      ``max_memory_allocated()`` minus the memory allocated before the call; on
+      Linux CPUs the peak resident set size (``VmHWM``, reset through
+      ``/proc/self/clear_refs``) minus the resident set size before the call (null
+      where that is unavailable). For ``fwd+bwd`` it includes the gradient itself.
+    * ``vs torch``: eager torch's median time over the implementation's (>1: faster).
+
+JSON (``--json PATH``)::
+
+    {"meta": {"gpu" | "cpu": <device name>, "torch": ..., "git_sha": ..., "date": ...,
+              "copy_gbps": <GB/s, null on the CPU>, "threads": ..., "cpu_capability": ...,
+              "skipped": [{"pass": ..., "impl": ..., "N": ..., "V": ..., "dtype": ...,
+                           "reason": ...}], ...},
+     "rows": [{"op": "cross_entropy", "pass": "fwd" | "fwd+bwd", "impl": "fused_ce",
+               "N": 4096, "V": 32000, "dtype": "float32", "ms": ..., "gbps": ...,
+               "peak_mem_mb": ...}]}
+
+Rows hold the implementations that ran; the skipped ones are listed in ``meta.skipped``.
+
+Adding an implementation: register a builder that turns a :class:`Case` into a
+function ``(logits, target) -> loss``, e.g. for a new flag of fused_ce::
+
+    @register_impl("fused_ce.inplace")
+    def _fused_ce_inplace(case):
+        return functools.partial(fused_ce.cross_entropy, inplace_backward=True)
+
+A builder raises :class:`ImplUnavailable` for a case it cannot run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import fused_ce
+from fused_ce._progress import Progress
+
+PASSES = ("fwd", "fwd+bwd")
+MIB = 2**20
+GB = 1e9
+COPY_BYTES = 2 * 2**30  # the buffer of the copy bandwidth measurement
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+}
+
+# Per device: the shapes (N, V), dtypes, timed repetitions and warm-up calls by default.
+DEFAULTS = {
+    "cpu": {"shapes": [(4096, 32000)], "dtypes": [torch.float32], "reps": 10, "warmup": 2},
+    "cuda": {
+        "shapes": [(16384, 128256), (8192, 256000)],
+        "dtypes": [torch.bfloat16, torch.float32],
+        "reps": 20,
+        "warmup": 5,
+    },
+}
+QUICK = {"shapes": [(256, 4096)], "reps": 3, "warmup": 1}  # dtypes: the device's defaults
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+# --------------------------------------------------------------------------- cases
+
+
+@dataclass(frozen=True)
+class Case:
+    """One block of the table: an op on one shape and dtype, timed for each pass."""
+
+    op: str
+    n: int
+    v: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
+    def label(self) -> str:
+        return f"{self.n}x{self.v} {self.dtype_name}"
+
+    def counted_bytes(self, pass_: str) -> int:
+        """The op's memory traffic floor: read the logits once, and write the gradient once."""
+        passes_over_logits = 1 if pass_ == "fwd" else 2
+        return passes_over_logits * self.n * self.v * self.dtype.itemsize
+
+    def make_inputs(self) -> tuple[Tensor, Tensor]:
+        """Random logits [N, V] (a leaf) and class-index targets in [0, V)."""
+        generator = torch.Generator(self.device).manual_seed(0)
+        logits = torch.randn(self.n, self.v, dtype=self.dtype, device=self.device, generator=generator)
+        target = torch.randint(0, self.v, (self.n,), device=self.device, generator=generator)
+        return logits, target
+
+
+@dataclass
+class Result:
+    """The measurements of one implementation on one case and pass (or why it has none)."""
+
+    case: Case
+    pass_: str
+    impl: str
+    ms: float | None = None
+    peak_mem_mb: float | None = None
+    skipped: str | None = None
+
+    @property
+    def gbps(self) -> float | None:
+        if self.ms is None:
+            return None
+        return self.case.counted_bytes(self.pass_) / (self.ms * 1e-3) / GB
+
+    def _keys(self) -> dict:
+        c = self.case
+        return {"op": c.op, "pass": self.pass_, "impl": self.impl, "N": c.n, "V": c.v, "dtype": c.dtype_name}
+
+    def row(self) -> dict:
+        """The JSON row of a result that ran."""
+        return {
+            **self._keys(),
+            "ms": _round(self.ms, 4),
+            "gbps": _round(self.gbps, 2),
+            "peak_mem_mb": _round(self.peak_mem_mb, 1),
+        }
+
+    def skip_record(self) -> dict:
+        """The ``meta.skipped`` entry of a result that did not run."""
+        return {**self._keys(), "reason": self.skipped}
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+# --------------------------------------------------------------------------- implementations
+
+
+class ImplUnavailable(Exception):
+    """Raised by an implementation's builder for a case it cannot run; the message says why."""
+
+
+ImplBuilder = Callable[[Case], LossFn]
+IMPLS: dict[str, ImplBuilder] = {}
+
+
+def register_impl(name: str) -> Callable[[ImplBuilder], ImplBuilder]:
+    """Registers ``builder(case) -> (logits, target) -> loss`` under ``name``."""
+
+    def decorator(builder: ImplBuilder) -> ImplBuilder:
+        IMPLS[name] = builder
+        return builder
+
+    return decorator
+
+
+@register_impl("fused_ce")
+def _fused_ce(case: Case) -> LossFn:
+    if case.device.type == "cuda" and not fused_ce.cuda_kernels_available():
+        raise ImplUnavailable("this build of fused_ce has no CUDA kernels")
+    return fused_ce.cross_entropy
+
+
+@register_impl("torch")
+def _torch(case: Case) -> LossFn:
+    return F.cross_entropy
+
+
+@register_impl("torch.compile")
+def _torch_compile(case: Case) -> LossFn:
+    # Dynamo caches compiled code on F.cross_entropy's code object, which every
+    # torch.compile wrapper of it shares: reset, so that earlier cases neither count
+    # towards the recompile limit (past which it would silently run eagerly) nor stay
+    # in memory. Compilation itself happens at the first call, in warm-up.
+    torch._dynamo.reset()
+    return torch.compile(F.cross_entropy, dynamic=False)
+
+
+def build_impls(case: Case, names: Sequence[str]) -> tuple[dict[str, LossFn], dict[str, str]]:
+    """The loss functions of the named implementations for ``case``, and why others are unavailable."""
+    fns, unavailable = {}, {}
+    for name in names:
+        try:
+            fns[name] = IMPLS[name](case)
+        except Exception as e:  # ImplUnavailable, or a builder that failed
+            unavailable[name] = _reason(e)
+    return fns, unavailable
+
+
+def _reason(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+def _call(fn: LossFn, logits: Tensor, target: Tensor, backward: bool) -> None:
+    """One call as users make it: the loss under no_grad, or the loss and its backward."""
+    if backward:
+        fn(logits, target).backward()
+    else:
+        with torch.no_grad():
+            fn(logits, target)
+
+
+def _timed_round(
+    fns: dict[str, LossFn], order: Sequence[str], logits: Tensor, target: Tensor, backward: bool
+) -> dict[str, float | str]:
+    """Calls each implementation once, in ``order``; returns its time in ms, or why it failed.
+
+    On CUDA each call sits between two CUDA events and the round ends with one
+    synchronisation; on the CPU each call is timed with ``time.perf_counter``. The
+    gradient is dropped after each call, outside the timed region.
+    """
+    cuda = logits.device.type == "cuda"
+    out: dict[str, float | str] = {}
+    events = {}
+    for name in order:
+        try:
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                _call(fns[name], logits, target, backward)
+                end.record()
+                events[name] = (start, end)
+            else:
+                start_s = time.perf_counter()
+                _call(fns[name], logits, target, backward)
+                out[name] = (time.perf_counter() - start_s) * 1e3
+        except Exception as e:  # out of memory, a compiler that fails, ...
+            out[name] = _reason(e)
+        finally:
+            logits.grad = None
+        if isinstance(out.get(name), str):
+            _free_memory(logits.device)
+    if cuda:
+        torch.cuda.synchronize(logits.device)
+        out.update({name: start.elapsed_time(end) for name, (start, end) in events.items()})
+    return out
+
+
+def measure_peak_mb(run: Callable[[], None], device: torch.device) -> float | None:
+    """The extra peak memory of ``run()`` beyond what was allocated before it, in MiB."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        run()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / MIB
+    return _peak_rss_mb(run)
+
+
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
+
+
+def _peak_rss_mb(run: Callable[[], None]) -> float | None:
+    """Linux: the peak resident set size of ``run()`` over the resident set size before it.
+
+    Writing "5" to /proc/self/clear_refs resets the high-water mark ``VmHWM`` to the
+    current RSS. This sees the memory an implementation touches and gives back: CPU
+    torch allocates large buffers with mmap and frees them with munmap. Elsewhere: None.
+    """
+    gc.collect()
+    try:
+        _CLEAR_REFS.write_text("5")
+        before = _status_kb("VmRSS")
+    except (OSError, KeyError, ValueError):
+        return None
+    run()
+    return (_status_kb("VmHWM") - before) * 1024 / MIB
+
+
+def _status_kb(field: str) -> int:
+    for line in _STATUS.read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])  # "VmHWM:   123456 kB"
+    raise KeyError(field)
+
+
+def measure_copy_gbps(device: torch.device, nbytes: int = COPY_BYTES, reps: int = 10) -> float | None:
+    """The device's copy bandwidth: ``dst.copy_(src)`` timed with CUDA events, read + write counted."""
+    try:
+        src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+        for _ in range(3):
+            dst.copy_(src)
+        events = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            events.append((start, end))
+        torch.cuda.synchronize(device)
+        ms = statistics.median(start.elapsed_time(end) for start, end in events)
+        return 2 * nbytes / (ms * 1e-3) / GB
+    except torch.cuda.OutOfMemoryError:
+        return None
+    finally:
+        src = dst = None
+        _free_memory(device)
+
+
+def _free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- running
+
+
+def bench_pass(
+    case: Case, pass_: str, fns: dict[str, LossFn], logits: Tensor, target: Tensor, args, bar: Progress
+) -> dict[str, Result]:
+    """Warm-up, interleaved timed reps, then one untimed call per implementation for its peak memory."""
+    backward = pass_ == "fwd+bwd"
+    logits.requires_grad_(backward)
+    results = {name: Result(case, pass_, name) for name in fns}
+    active = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+
+    for rep in range(args.warmup + args.reps):
+        stage = f"warm-up {rep + 1}/{args.warmup}" if rep < args.warmup else f"rep {rep - args.warmup + 1}/{args.reps}"
+        bar.set_note(f"{pass_} {case.label}: {stage}")
+        order = active[rep % len(active) :] + active[: rep % len(active)] if active else []
+        for name, value in _timed_round(fns, order, logits, target, backward).items():
+            if isinstance(value, str):
+                results[name].skipped = value
+                active.remove(name)
+            elif rep >= args.warmup:
+                times[name].append(value)
+        bar.update(len(fns))
+
+    bar.set_note(f"{pass_} {case.label}: peak memory")
+    for name in active:
+        results[name].ms = statistics.median(times[name])
+        try:
+            results[name].peak_mem_mb = measure_peak_mb(lambda: _call(fns[name], logits, target, backward), case.device)
+        except Exception:  # e.g. out of memory: the timing stands, the peak stays unknown
+            results[name].peak_mem_mb = None
+        finally:
+            logits.grad = None
+            _free_memory(case.device)
+    bar.update(len(fns))
+    logits.requires_grad_(False)
+    return results
+
+
+def run_case(case: Case, args, bar: Progress) -> list[Result]:
+    """All passes of all implementations on one case, in the order of ``args``."""
+    steps_per_pass = len(args.impls) * (args.warmup + args.reps + 1)
+    by_key: dict[tuple[str, str], Result] = {}
+    bar.set_note(f"{case.label}: inputs")
+    try:
+        logits, target = case.make_inputs()
+    except Exception as e:  # out of memory
+        reason = _reason(e)
+        by_key = {(p, name): Result(case, p, name, skipped=reason) for p in args.passes for name in args.impls}
+        bar.update(steps_per_pass * len(args.passes))
+    else:
+        fns, unavailable = build_impls(case, args.impls)
+        for pass_ in args.passes:
+            by_key.update({(pass_, name): Result(case, pass_, name, skipped=why) for name, why in unavailable.items()})
+            if fns:
+                timed = bench_pass(case, pass_, fns, logits, target, args, bar)
+                by_key.update({(pass_, name): result for name, result in timed.items()})
+            else:
+                bar.update(steps_per_pass)
+        del logits, target, fns
+    _free_memory(case.device)
+    return [by_key[(p, name)] for p in args.passes for name in args.impls]
+
+
+def make_cases(args) -> list[Case]:
+    return [Case("cross_entropy", n, v, dtype, args.device) for n, v in args.shapes for dtype in args.dtypes]
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def collect_meta(args, copy_gbps: float | None) -> dict:
+    device = args.device
+    meta: dict = {}
+    if device.type == "cuda":
+        meta["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        meta["cpu"] = _cpu_model()
+    meta.update(
+        torch=torch.__version__,
+        git_sha=_git_sha(),
+        git_dirty=_git_dirty(),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        copy_gbps=_round(copy_gbps, 1),
+        device=device.type,
+        threads=torch.get_num_threads(),
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        cuda=torch.version.cuda,
+        python=platform.python_version(),
+        fused_ce=fused_ce.__version__,
+        fused_ce_cuda_kernels=fused_ce.cuda_kernels_available(),
+        reps=args.reps,
+        warmup=args.warmup,
+    )
+    return meta
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _git(*args: str) -> str | None:
+    """The output of a git command in the package's repository, or None."""
+    try:
+        done = subprocess.run(
+            ["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _git_sha() -> str:
+    return _git("rev-parse", "--short", "HEAD") or "unknown"
+
+
+def _git_dirty() -> bool | None:
+    """Whether tracked files differ from HEAD (the build may not be HEAD's); None without git."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return None if status is None else bool(status)
+
+
+def format_header(meta: dict) -> str:
+    device = f"GPU {meta['gpu']}" if "gpu" in meta else f"CPU {meta['cpu']}"
+    parts = [device, f"torch {meta['torch']}", f"fused_ce {meta['git_sha']}", f"{meta['threads']} threads"]
+    parts.append(f"cpu capability {meta['cpu_capability']}")
+    if meta["copy_gbps"] is not None:
+        parts.append(f"copy {meta['copy_gbps']:.0f} GB/s")
+    counted = "GB/s counts fwd: N*V*elt (read logits), fwd+bwd: 2*N*V*elt (read logits, write grad)"
+    return f"{', '.join(parts)}\nmedian of {meta['reps']} reps after {meta['warmup']} warm-up; {counted}"
+
+
+def format_table(results: list[Result], copy_gbps: float | None) -> str:
+    """A plain-text table, one row per result; skipped ones are footnoted below it."""
+    headers = ["pass", "impl", "N", "V", "dtype", "ms", "GB/s"]
+    if copy_gbps:
+        headers.append("% copy")
+    headers += ["peak MB", "vs torch"]
+    torch_ms = {(r.case, r.pass_): r.ms for r in results if r.impl == "torch"}
+
+    rows, notes = [], []
+    for r in results:
+        cells = [r.pass_, r.impl, str(r.case.n), str(r.case.v), r.case.dtype_name]
+        if r.skipped is not None:
+            notes.append(f"[{len(notes) + 1}] {r.pass_} {r.impl} {r.case.label}: {r.skipped}")
+            cells += [f"skipped [{len(notes)}]"] + [""] * (len(headers) - len(cells) - 1)
+        else:
+            cells += [_fmt_ms(r.ms), f"{r.gbps:.1f}"]
+            if copy_gbps:
+                cells.append(f"{100 * r.gbps / copy_gbps:.0f}%")
+            cells.append("n/a" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.1f}")
+            reference = torch_ms.get((r.case, r.pass_))
+            cells.append(f"{reference / r.ms:.2f}x" if reference else "-")
+        rows.append(cells)
+
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    left = {"pass", "impl", "dtype"}
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if h in left else c.rjust(w) for c, w, h in zip(cells, widths, headers)).rstrip()
+
+    out = [line(headers), line(["-" * w for w in widths])]
+    previous = None
+    for r, cells in zip(results, rows):
+        if previous is not None and (r.case, r.pass_) != previous:
+            out.append("")
+        previous = (r.case, r.pass_)
+        out.append(line(cells))
+    return "\n".join(out + ([""] + notes if notes else []))
+
+
+def _fmt_ms(ms: float) -> str:
+    return f"{ms:.3f}" if ms < 10 else f"{ms:.2f}" if ms < 100 else f"{ms:.1f}"
+
+
+def write_json(path: str, meta: dict, results: list[Result]) -> None:
+    meta = {**meta, "skipped": [r.skip_record() for r in results if r.skipped is not None]}
+    document = {"meta": meta, "rows": [r.row() for r in results if r.skipped is None]}
+    target = Path(path)
+    if target.parent != Path(""):
+        target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(document, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _parse_list(text: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list")
+    return items
+
+
+def _parse_shapes(text: str) -> list[tuple[int, int]]:
+    shapes = []
+    for item in _parse_list(text):
+        try:
+            n, v = (int(x) for x in item.lower().replace("×", "x").split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"shape {item!r} is not NxV, e.g. 4096x32000") from None
+        if n < 1 or v < 1:
+            raise argparse.ArgumentTypeError(f"shape {item!r}: N and V must be positive")
+        shapes.append((n, v))
+    return shapes
+
+
+def _parse_dtypes(text: str) -> list[torch.dtype]:
+    unknown = [d for d in _parse_list(text) if d not in DTYPES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown dtype(s) {unknown}; choose from {sorted(DTYPES)}")
+    return list(dict.fromkeys(DTYPES[d] for d in _parse_list(text)))
+
+
+def _parse_impls(text: str) -> list[str]:
+    names = list(dict.fromkeys(_parse_list(text)))
+    unknown = [n for n in names if n not in IMPLS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown impl(s) {unknown}; choose from {list(IMPLS)}")
+    return names
+
+
+def _parse_passes(text: str) -> list[str]:
+    names = list(dict.fromkeys(_parse_list(text)))
+    unknown = [n for n in names if n not in PASSES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown pass(es) {unknown}; choose from {list(PASSES)}")
+    return names
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m fused_ce.bench",
+        description="Benchmark fused_ce.cross_entropy against F.cross_entropy and torch.compile.",
+        epilog="See the module docstring (python -c 'import fused_ce.bench; help(fused_ce.bench)') for what is counted.",
+    )
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    parser.add_argument("--shapes", type=_parse_shapes, help="NxV,... (default: per device, see the docstring)")
+    parser.add_argument("--dtypes", type=_parse_dtypes, help="e.g. float32,bfloat16 (default: per device)")
+    parser.add_argument("--impls", type=_parse_impls, default=list(IMPLS), help=f"default: {','.join(IMPLS)}")
+    parser.add_argument("--passes", type=_parse_passes, default=list(PASSES), help=f"default: {','.join(PASSES)}")
+    parser.add_argument("--reps", type=int, help="timed repetitions per implementation (default: cpu 10, cuda 20)")
+    parser.add_argument("--warmup", type=int, help="untimed calls first (default: cpu 2, cuda 5)")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when stderr is no TTY)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes and few reps: checks that the benchmark runs")
+    args = parser.parse_args(argv)
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
+    defaults = {**DEFAULTS[args.device], **(QUICK if args.quick else {})}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.reps < 1 or args.warmup < 0:
+        parser.error("--reps must be at least 1 and --warmup at least 0")
+    args.device = torch.device(args.device)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    copy_gbps = measure_copy_gbps(args.device) if args.device.type == "cuda" else None
+    cases = make_cases(args)
+    total = len(cases) * len(args.passes) * len(args.impls) * (args.warmup + args.reps + 1)
+    with Progress(total, enabled=not args.no_progress) as bar:
+        results = [result for case in cases for result in run_case(case, args, bar)]
+
+    meta = collect_meta(args, copy_gbps)
+    print(format_header(meta))
+    print()
+    print(format_table(results, copy_gbps))
+    if args.json:
+        write_json(args.json, meta, results)
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
