@@ -4,8 +4,11 @@
 // fake (meta) kernels and autograd are registered from Python (fused_ce/ops.py).
 // Shapes: logits [N, V] with unit class stride (any row stride); target is
 // [N] int64 class indices or [N, V] probabilities in the logits' dtype; weight
-// [V] float32. Every per-row output is float32 [N].
+// [V], and every per-row tensor [N], in the accumulation dtype: float64 for
+// float64 logits, float32 otherwise.
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <Python.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 // Importing fused_ce._C loads this library, which runs the registrations below.
@@ -15,7 +18,7 @@ PyObject* PyInit__C(void) {
       PyModuleDef_HEAD_INIT,
       "_C",  // name
       "fused_ce's compiled kernels; use them through the fused_ce package",
-      -1,    // size
+      -1,  // size
       nullptr,
   };
   return PyModule_Create(&module_def);
@@ -32,4 +35,67 @@ TORCH_LIBRARY(fused_ce, m) {
   m.def(
       "cross_entropy_backward(Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
       "Tensor p_coef, Tensor t_coef, int ignore_index, float label_smoothing, float softcap) -> Tensor");
+  // The same gradient written into `grad`, except for rows i with keep_where_one[i]
+  // == 1, which keep what they hold (the fused op's backward: see fused_ce/ops.py).
+  m.def(
+      "cross_entropy_backward_into_(Tensor(a!) grad, Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
+      "Tensor p_coef, Tensor t_coef, Tensor keep_where_one, int ignore_index, float label_smoothing, "
+      "float softcap) -> ()");
+  // The training hot path: one pass computes the per-row objective
+  //   row_scale_i * loss_i + z_scale_i * lse_i^2
+  // and writes its gradient (see objective() in common/ce_math.h). Backward then
+  // only scales the rows by the upstream gradient (scale_rows_).
+  m.def(
+      "cross_entropy_fused(Tensor logits, Tensor target, Tensor? weight, Tensor row_scale, Tensor? z_scale, "
+      "int ignore_index, float label_smoothing, float softcap) -> (Tensor objective, Tensor lse, Tensor mass, Tensor "
+      "grad)");
+  // The same, writing the gradient over the logits.
+  m.def(
+      "cross_entropy_fused_(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor row_scale, Tensor? z_scale, "
+      "int ignore_index, float label_smoothing, float softcap) -> (Tensor objective, Tensor lse, Tensor mass)");
+  // rows[i] *= scale[i]; a row whose scale is exactly 1 is not touched, which is
+  // decided on the device (no host synchronisation).
+  m.def("scale_rows_(Tensor(a!) rows, Tensor scale) -> ()");
+}
+
+namespace {
+
+// The mutating ops bump the version counter of the tensor they modify (as ATen's
+// own in-place ops do), so that autograd raises when a tensor saved for a backward
+// pass was overwritten, instead of using the new values.
+void scale_rows_bump_version(c10::DispatchKeySet keys, const at::Tensor& rows, const at::Tensor& scale) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fused_ce::scale_rows_", "")
+                             .typed<void(const at::Tensor&, const at::Tensor&)>();
+  {
+    const c10::impl::ExcludeDispatchKeyGuard below(c10::DispatchKey::ADInplaceOrView);
+    op.redispatch(keys & c10::after_ADInplaceOrView_keyset, rows, scale);
+  }
+  rows.unsafeGetTensorImpl()->bump_version();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_inplace_bump_version(
+    c10::DispatchKeySet keys, const at::Tensor& logits, const at::Tensor& target,
+    const std::optional<at::Tensor>& weight, const at::Tensor& row_scale, const std::optional<at::Tensor>& z_scale,
+    int64_t ignore_index, double label_smoothing, double softcap) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fused_ce::cross_entropy_fused_", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                                 const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                 const at::Tensor&, const std::optional<at::Tensor>&, int64_t, double, double)>();
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
+  {
+    const c10::impl::ExcludeDispatchKeyGuard below(c10::DispatchKey::ADInplaceOrView);
+    out = op.redispatch(keys & c10::after_ADInplaceOrView_keyset, logits, target, weight, row_scale, z_scale,
+                        ignore_index, label_smoothing, softcap);
+  }
+  logits.unsafeGetTensorImpl()->bump_version();
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_ce, ADInplaceOrView, m) {
+  m.impl("scale_rows_", TORCH_FN(scale_rows_bump_version));
+  m.impl("cross_entropy_fused_", TORCH_FN(fused_inplace_bump_version));
 }

@@ -7,13 +7,15 @@ messages that name them, and applies the reductions (cheap O(N) work).
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 from torch import Tensor
 
+from .ops import accumulate_dtype
+
 _REDUCTIONS = ("none", "mean", "sum")
-_INDEX_DTYPES = (torch.int64, torch.int32)
 
 _validate_targets = os.environ.get("FUSED_CE_VALIDATE", "0") not in ("", "0")
 
@@ -50,7 +52,11 @@ def _check_reduction(reduction: str) -> None:
 
 
 def _check_target_range(target: Tensor, num_classes: int, ignore_index: int) -> None:
-    """Raises IndexError for a class index outside [0, V) that is not ignore_index (syncs on CUDA)."""
+    """Raises IndexError for a class index outside [0, V) that is not ignore_index.
+
+    It synchronises with the device, and is skipped inside torch.compile (a data-
+    dependent branch); the message matches the CPU kernels' own check.
+    """
     if target.numel() == 0:
         return
     bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
@@ -58,7 +64,7 @@ def _check_target_range(target: Tensor, num_classes: int, ignore_index: int) -> 
         position = int(bad.reshape(-1).nonzero()[0, 0])
         value = int(target.reshape(-1)[position])
         raise IndexError(
-            f"target: class index {value} (at flat position {position}) is out of range "
+            f"target: class index {value} at position {position} is out of range "
             f"[0, {num_classes}) and is not ignore_index ({ignore_index})"
         )
 
@@ -80,6 +86,8 @@ def _as_rows(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index:
         raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
 
     class_dim = 0 if input.dim() == 1 else 1
     num_classes = input.shape[class_dim]
@@ -102,9 +110,10 @@ def _as_rows(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index:
         if rows.stride(1) != 1 and num_classes > 1:
             rows = rows.contiguous()
     else:
-        if target.dtype not in _INDEX_DTYPES:
+        if target.dtype == torch.bool or target.dtype.is_complex:
             raise TypeError(
-                f"target must hold class indices (int64 or int32) or class probabilities (floating point), got {target.dtype}"
+                f"target must hold class indices (an integer dtype) or class probabilities (floating point), "
+                f"got {target.dtype}"
             )
         if target.shape != batch_shape:
             raise ValueError(
@@ -112,7 +121,8 @@ def _as_rows(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index:
                 f"got {tuple(target.shape)}"
             )
         rows = target.reshape(-1).long()
-        if target.device.type == "cpu" or _validate_targets:
+        # The CPU kernels check the range themselves (IndexError); on CUDA it is opt-in.
+        if _validate_targets and target.device.type == "cuda" and not torch.compiler.is_compiling():
             _check_target_range(rows, num_classes, ignore_index)
 
     if weight is not None:
@@ -133,13 +143,54 @@ def _as_rows(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index:
     return logits, rows, weight, batch_shape
 
 
-def _reduce(loss: Tensor, reduction: str, denominator, batch_shape, dtype: torch.dtype) -> Tensor:
-    if reduction == "none":
-        return loss.reshape(batch_shape).to(dtype)
-    total = loss.sum()
-    if reduction == "mean":
-        total = total / denominator  # 0 / 0 = NaN when every target is ignored, as in PyTorch
-    return total.to(dtype)
+def _check_extras(z_loss, softcap) -> float:
+    """Checks z_loss and softcap; returns the soft-cap as the ops take it (0 = off)."""
+    if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) or not math.isfinite(z_loss) or z_loss < 0:
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap <= 0:
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+    return float(softcap)
+
+
+class _Rows:
+    """What the reductions need to know about the rows: which count, and their weights."""
+
+    def __init__(self, logits: Tensor, rows: Tensor, weight: Tensor | None, ignore_index: int):
+        self.num_rows = logits.shape[0]
+        if rows.is_floating_point():  # probability targets: every row counts, mean over rows
+            self.valid = None
+            self.denominator = self.num_rows
+            self.count = self.num_rows
+        else:
+            self.valid = rows != ignore_index
+            self.count = self.valid.sum()
+            if weight is None:
+                self.denominator = self.count
+            else:
+                target_weight = weight.gather(0, rows.clamp(0, logits.shape[1] - 1))
+                self.denominator = (target_weight * self.valid).sum()
+
+    def mask(self, device, dtype) -> Tensor:
+        if self.valid is None:
+            return torch.ones(self.num_rows, device=device, dtype=dtype)
+        return self.valid.to(dtype)
+
+
+def _safe_inverse(denominator, dtype: torch.dtype):
+    """1 / denominator, but 0 where it is 0: the loss of 'mean' is then NaN (added by
+    _nan_if_empty), as in PyTorch, while the gradient stays 0 -- also as in PyTorch."""
+    if isinstance(denominator, int):
+        return 0.0 if denominator == 0 else 1.0 / denominator
+    d = denominator.to(dtype)
+    return torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+
+
+def _nan_if_empty(total: Tensor, denominator) -> Tensor:
+    if isinstance(denominator, int):
+        return total + math.nan if denominator == 0 else total
+    return total + torch.where(denominator == 0, math.nan, 0.0)
 
 
 def cross_entropy(
@@ -150,16 +201,20 @@ def cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     *,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    return_lse: bool = False,
+    inplace_backward: bool = False,
     size_average: bool | None = None,
     reduce: bool | None = None,
-) -> Tensor:
+):
     """Cross-entropy between logits and targets: ``F.cross_entropy`` fused into one pass.
 
     Args:
         input: logits of shape ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dk)``; float32,
             float64, float16 or bfloat16 (read as they are, with float32 arithmetic;
             float64 with float64 arithmetic).
-        target: class indices (int64 or int32) of shape ``()``, ``(N)`` or ``(N, d1, ..., dk)``
+        target: class indices (any integer dtype: int64, int32, uint8, ...) of shape ``()``, ``(N)`` or ``(N, d1, ..., dk)``
             in ``[0, C)`` or equal to ``ignore_index``; or class probabilities with the
             input's shape.
         weight: optional per-class rescaling weights of shape ``(C)``.
@@ -170,11 +225,29 @@ def cross_entropy(
             probability targets) or ``'sum'``.
         label_smoothing: in ``[0, 1]``; mixes the target with the uniform distribution
             over the ``C`` classes, as ``F.cross_entropy`` defines it.
+        z_loss: adds ``z_loss * lse**2`` for each non-ignored row (PaLM's auxiliary
+            loss; ``lse`` the row's log-sum-exp). Under ``'mean'`` it is averaged over the
+            non-ignored rows, unweighted.
+        softcap: if set, the logits are soft-capped to ``softcap * tanh(input / softcap)``
+            inside the kernels (Gemma 2), gradients included; nothing is materialised.
+        return_lse: also return the per-row log-sum-exp (float32, the batch shape,
+            computed after the soft-cap), differentiable.
+        inplace_backward: overwrite ``input``'s buffer with its gradient during the
+            forward pass, so that a training step allocates nothing of size N x V.
+            ``input`` then no longer holds the logits: its version counter is bumped, so
+            autograd raises if another op's backward needs them. Not for a leaf tensor
+            that requires grad, nor with ``return_lse``. Off by default. Inside
+            ``torch.compile`` the graph is functional, so the gradient gets its own
+            buffer there (same results, without the memory saving).
         size_average, reduce: deprecated, as in ``F.cross_entropy``.
 
     Returns:
-        The loss in the input's dtype: a scalar, or the batch shape for ``'none'``.
+        The loss in the input's dtype: a scalar, or the batch shape for ``'none'``;
+        with ``return_lse``, the tuple ``(loss, lse)``.
 
+    When ``input`` requires grad, one kernel computes the loss and writes the gradient
+    (one read and one write of the logits); backward then only scales it by the
+    upstream gradient, which for a plain ``loss.backward()`` costs no pass at all.
     Class-index targets out of range raise ``IndexError`` on the CPU; on CUDA they
     give NaN for that row unless :func:`set_target_validation` is on.
     """
@@ -183,21 +256,112 @@ def cross_entropy(
 
         reduction = _reduction.legacy_get_string(size_average, reduce)
     _check_reduction(reduction)
+    cap = _check_extras(z_loss, softcap)
+    if inplace_backward and return_lse:
+        raise ValueError("inplace_backward=True cannot be combined with return_lse=True: the lse's gradient needs the logits")
     logits, rows, weight, batch_shape = _as_rows(input, target, weight, ignore_index, label_smoothing)
-    loss, _lse, _mass = torch.ops.fused_ce.cross_entropy_forward(
-        logits, rows, weight, ignore_index, float(label_smoothing), 0.0
-    )
-    denominator = None
+    info = _Rows(logits, rows, weight, ignore_index)
+    smoothing = float(label_smoothing)
+
+    wants_grad = torch.is_grad_enabled() and input.requires_grad
+    if wants_grad and not return_lse and not target.requires_grad:
+        if inplace_backward and input.is_leaf:
+            raise ValueError(
+                "inplace_backward=True would overwrite input with its gradient, but input is a leaf tensor "
+                "that requires grad; use it on logits computed by the model (e.g. the output of the LM head)"
+            )
+        return _fused(logits, rows, weight, info, ignore_index, smoothing, cap, z_loss, reduction, batch_shape,
+                      input.dtype, inplace_backward)
+
+    loss, lse, _mass = torch.ops.fused_ce.cross_entropy_forward(logits, rows, weight, ignore_index, smoothing, cap)
+    if reduction == "none":
+        if z_loss:
+            loss = loss + z_loss * lse.square() * info.mask(lse.device, lse.dtype)
+        out = loss.reshape(batch_shape).to(input.dtype)
+    else:
+        total = loss.sum()
+        if reduction == "mean":
+            total = _nan_if_empty(total * _safe_inverse(info.denominator, total.dtype), info.denominator)
+        if z_loss:
+            z_total = (lse.square() * info.mask(lse.device, lse.dtype)).sum()
+            if reduction == "mean":
+                z_total = z_total * _safe_inverse(info.count, z_total.dtype)
+            total = total + z_loss * z_total
+        out = total.to(input.dtype)
+    return (out, lse.reshape(batch_shape)) if return_lse else out
+
+
+def _fused(logits, rows, weight, info, ignore_index, smoothing, cap, z_loss, reduction, batch_shape, dtype, inplace):
+    """The training path: the loss and its gradient in one kernel (see ops.py)."""
+    mask = info.mask(logits.device, accumulate_dtype(logits.dtype))
+    row_scale = mask if reduction != "mean" else mask * _safe_inverse(info.denominator, mask.dtype)
+    z_scale = None
+    if z_loss:
+        z_scale = z_loss * mask if reduction != "mean" else (z_loss * _safe_inverse(info.count, mask.dtype)) * mask
+    args = (rows, weight, row_scale.contiguous(), z_scale, ignore_index, smoothing, cap)
+    if inplace and not torch.compiler.is_compiling():
+        objective = _fused_inplace(logits, args)
+    else:
+        objective, _lse, _mass, _grad = torch.ops.fused_ce.cross_entropy_fused(logits, *args)
+    if reduction == "none":
+        return objective.reshape(batch_shape).to(dtype)
+    total = objective.sum()
     if reduction == "mean":
-        if rows.is_floating_point():
-            denominator = logits.shape[0]
-        else:
-            valid = rows != ignore_index
-            if weight is None:
-                denominator = valid.sum()
-            else:
-                denominator = (weight.gather(0, rows.clamp(0, logits.shape[1] - 1)) * valid).sum()
-    return _reduce(loss, reduction, denominator, batch_shape, input.dtype)
+        total = _nan_if_empty(total, info.denominator)
+    return total.to(dtype)
+
+
+def _fused_inplace(logits: Tensor, args) -> Tensor:
+    """cross_entropy_fused_ with autograd: the gradient overwrites the logits.
+
+    A mutating op cannot carry torch.library autograd, and autograd lets a Function
+    that modifies a view (the logits often are one) return only that view. So two
+    Functions share the work: _GradIntoLogits runs the kernel, writing the gradient
+    over the logits (marked dirty: their version counter is bumped, and another op's
+    backward that saved them raises), and is the identity for autograd;
+    _ObjectiveOf returns the objective, whose gradient with respect to that buffer is
+    the buffer scaled by the upstream gradient.
+    """
+    objective_box: list[Tensor] = []
+    grad = _GradIntoLogits.apply(logits, objective_box, *args)
+    return _ObjectiveOf.apply(objective_box[0], grad)
+
+
+class _GradIntoLogits(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, objective_box, *args):
+        objective, _lse, _mass = torch.ops.fused_ce.cross_entropy_fused_(logits, *args)
+        objective_box.append(objective)
+        ctx.mark_dirty(logits)
+        return logits
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad, None) + (None,) * 7
+
+
+class _ObjectiveOf(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, objective, grad):
+        ctx.save_for_backward(grad)
+        ctx.grad_buffer_used = False
+        return objective.clone()
+
+    @staticmethod
+    def backward(ctx, grad_objective):
+        if ctx.grad_buffer_used or torch.is_grad_enabled():
+            raise RuntimeError(
+                "cross_entropy(inplace_backward=True) wrote the gradient over the logits, so it supports one "
+                "first-order backward pass; for retain_graph=True, create_graph=True or gradcheck use "
+                "inplace_backward=False"
+            )
+        ctx.grad_buffer_used = True
+        (grad,) = ctx.saved_tensors
+        # Only rows whose upstream gradient is not exactly 1 are scaled; with the
+        # logits gone they cannot be recomputed, so in float16/bfloat16 such rows are
+        # rounded twice (see the README).
+        torch.ops.fused_ce.scale_rows_(grad, grad_objective.to(accumulate_dtype(grad.dtype)))
+        return None, grad
 
 
 __all__ = ["cross_entropy", "set_target_validation"]

@@ -8,12 +8,27 @@ per-row statistics (see ``csrc/common/ce_math.h``)::
 for the target distribution ``T`` that ``F.cross_entropy``'s options define. Its
 backward needs only the logits and ``lse``: ``grad_c = p_coef * softmax_c - t_coef * T_c``
 with ``p_coef = dL/dloss * mass + dL/dlse`` and ``t_coef = dL/dloss``.
+
+The fused op (the training path) returns the per-row objective
+``row_scale_i * loss_i + z_scale_i * lse_i**2`` and, computed in the same pass, its
+gradient; its backward hands that buffer on, touching only the rows whose upstream
+gradient is not exactly 1.
+
+Backward through the kernels is first-order. With ``create_graph=True`` (double
+backward: gradient penalties, Hessian-vector products) the gradient is composed from
+differentiable torch ops instead (:func:`_gradient_by_formula`), materialising the
+softmax -- correct, not fast.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the kernels' arithmetic and of every per-row tensor: float64 for float64 logits, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def cuda_kernels_available() -> bool:
@@ -23,13 +38,67 @@ def cuda_kernels_available() -> bool:
 
 @torch.library.register_fake("fused_ce::cross_entropy_forward")
 def _forward_fake(logits, target, weight, ignore_index, label_smoothing, softcap):
-    rows = logits.new_empty(logits.shape[0], dtype=torch.float32)
+    rows = logits.new_empty(logits.shape[0], dtype=accumulate_dtype(logits.dtype))
     return rows, torch.empty_like(rows), torch.empty_like(rows)
 
 
 @torch.library.register_fake("fused_ce::cross_entropy_backward")
 def _backward_fake(logits, target, weight, lse, p_coef, t_coef, ignore_index, label_smoothing, softcap):
     return logits.new_empty(logits.shape)
+
+
+@torch.library.register_fake("fused_ce::cross_entropy_fused")
+def _fused_fake(logits, target, weight, row_scale, z_scale, ignore_index, label_smoothing, softcap):
+    rows = logits.new_empty(logits.shape[0], dtype=accumulate_dtype(logits.dtype))
+    return rows, torch.empty_like(rows), torch.empty_like(rows), logits.new_empty(logits.shape)
+
+
+@torch.library.register_fake("fused_ce::cross_entropy_fused_")
+def _fused_inplace_fake(logits, target, weight, row_scale, z_scale, ignore_index, label_smoothing, softcap):
+    rows = logits.new_empty(logits.shape[0], dtype=accumulate_dtype(logits.dtype))
+    return rows, torch.empty_like(rows), torch.empty_like(rows)
+
+
+@torch.library.register_fake("fused_ce::scale_rows_")
+def _scale_rows_fake(rows, scale):
+    return None
+
+
+def _softcapped(logits: Tensor, softcap: float, dtype: torch.dtype) -> Tensor:
+    z = logits.to(dtype)
+    return softcap * torch.tanh(z / softcap) if softcap > 0 else z
+
+
+def target_distribution(logits: Tensor, target: Tensor, weight, ignore_index: int, label_smoothing: float) -> Tensor:
+    """T [N, V] (see the module docstring) as torch ops, in the accumulation dtype."""
+    dtype = accumulate_dtype(logits.dtype)
+    num_classes = logits.shape[1]
+    smooth = label_smoothing / num_classes
+    if target.is_floating_point():
+        t = target.to(dtype) * (1.0 - label_smoothing) + smooth
+    else:
+        valid = target != ignore_index
+        onehot = torch.zeros(logits.shape, dtype=dtype, device=logits.device)
+        onehot.scatter_(1, torch.where(valid, target, 0).unsqueeze(1), 1.0)
+        t = (onehot * (1.0 - label_smoothing) + smooth) * valid.unsqueeze(1)
+    return t * weight if weight is not None else t
+
+
+def _gradient_by_formula(logits, target, weight, ignore_index, label_smoothing, softcap, loss_coef, lse_coef_fn):
+    """d/d logits of sum_i loss_coef_i * loss_i + (terms in lse_i), as differentiable torch ops.
+
+    lse_coef_fn(lse) gives the derivative of the lse terms with respect to lse_i, so
+    that it can depend on the (differentiable) lse itself, as the z-loss does.
+    """
+    dtype = accumulate_dtype(logits.dtype)
+    z = _softcapped(logits, softcap, dtype)
+    lse = torch.logsumexp(z, dim=1)
+    t = target_distribution(logits, target, weight, ignore_index, label_smoothing)
+    p_coef = loss_coef * t.sum(1) + lse_coef_fn(lse)
+    grad = p_coef.unsqueeze(1) * torch.softmax(z, dim=1) - loss_coef.unsqueeze(1) * t
+    if softcap > 0:
+        grad = grad * (1 - (z / softcap).square())
+    return grad.to(logits.dtype)
 
 
 def _forward_setup_context(ctx, inputs, output):
@@ -43,23 +112,23 @@ def _forward_setup_context(ctx, inputs, output):
 def _forward_backward(ctx, grad_loss: Tensor, grad_lse: Tensor, _grad_mass):
     logits, target, weight, lse, mass = ctx.saved_tensors
     ignore_index, label_smoothing, softcap = ctx.options
-    if grad_loss is None:
-        grad_loss = torch.zeros_like(lse)
-    if grad_lse is None:
-        grad_lse = torch.zeros_like(lse)
-    grad_loss = grad_loss.float()
+    grad_loss = torch.zeros_like(lse) if grad_loss is None else grad_loss.to(lse.dtype)
+    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.to(lse.dtype)
     grad_logits = grad_target = None
     if ctx.needs_input_grad[0]:
-        p_coef = grad_loss * mass + grad_lse.float()
-        grad_logits = torch.ops.fused_ce.cross_entropy_backward(
-            logits, target, weight, lse, p_coef.contiguous(), grad_loss.contiguous(), ignore_index, label_smoothing, softcap
-        )
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
+            grad_logits = _gradient_by_formula(
+                logits, target, weight, ignore_index, label_smoothing, softcap, grad_loss, lambda _lse: grad_lse
+            )
+        else:
+            grad_logits = torch.ops.fused_ce.cross_entropy_backward(
+                logits, target, weight, lse, (grad_loss * mass + grad_lse).contiguous(), grad_loss.contiguous(),
+                ignore_index, label_smoothing, softcap,
+            )
     if ctx.needs_input_grad[1] and target.is_floating_point():
         # d loss_i / d q_ic = (1 - label_smoothing) * w_c * (lse_i - z_c): rare (e.g. a
         # learned teacher), so it is composed from torch ops rather than fused.
-        z = logits.float()
-        if softcap > 0:
-            z = softcap * torch.tanh(z / softcap)
+        z = _softcapped(logits, softcap, lse.dtype)
         grad = (lse.unsqueeze(1) - z) * (grad_loss * (1.0 - label_smoothing)).unsqueeze(1)
         if weight is not None:
             grad = grad * weight
@@ -70,3 +139,50 @@ def _forward_backward(ctx, grad_loss: Tensor, grad_lse: Tensor, _grad_mass):
 torch.library.register_autograd(
     "fused_ce::cross_entropy_forward", _forward_backward, setup_context=_forward_setup_context
 )
+
+
+@torch.library.register_fake("fused_ce::cross_entropy_backward_into_")
+def _backward_into_fake(grad, logits, target, weight, lse, p_coef, t_coef, keep_where_one, ignore_index,
+                        label_smoothing, softcap):
+    return None
+
+
+def _fused_setup_context(ctx, inputs, output):
+    logits, target, weight, row_scale, z_scale, ignore_index, label_smoothing, softcap = inputs
+    _objective, lse, mass, grad = output
+    ctx.save_for_backward(logits, target, weight, row_scale, z_scale, lse, mass, grad)
+    ctx.options = (ignore_index, label_smoothing, softcap)
+    ctx.grad_buffer_used = False
+    ctx.mark_non_differentiable(lse, mass, grad)
+
+
+def _fused_backward(ctx, grad_objective: Tensor, _grad_lse, _grad_mass, _grad_grad):
+    logits, target, weight, row_scale, z_scale, lse, mass, grad = ctx.saved_tensors
+    ignore_index, label_smoothing, softcap = ctx.options
+    g = grad_objective.to(lse.dtype)
+    if torch.is_grad_enabled():  # create_graph=True
+        z_coef = None if z_scale is None else 2 * g * z_scale
+        grad = _gradient_by_formula(
+            logits, target, weight, ignore_index, label_smoothing, softcap, g * row_scale,
+            lambda lse_: 0 if z_coef is None else z_coef * lse_,
+        )
+        return grad, None, None, None, None, None, None, None
+    t_coef = (g * row_scale).contiguous()
+    p_coef = (t_coef * mass + (0 if z_scale is None else 2 * g * z_scale * lse)).contiguous()
+    options = (ignore_index, label_smoothing, softcap)
+    if ctx.grad_buffer_used:
+        # A second backward through the same graph (retain_graph, gradcheck): the
+        # buffer was handed on, so compute afresh from the logits.
+        grad = torch.ops.fused_ce.cross_entropy_backward(logits, target, weight, lse, p_coef, t_coef, *options)
+    else:
+        # The forward pass wrote d(objective_i)/d(logits_i). Rows whose upstream
+        # gradient is exactly 1 -- every row after a plain loss.backward() -- hold
+        # their gradient already and are not touched (decided on the device); the
+        # others are recomputed from the logits with the upstream folded in, so the
+        # result is rounded once, as in the two-pass path.
+        ctx.grad_buffer_used = True
+        torch.ops.fused_ce.cross_entropy_backward_into_(grad, logits, target, weight, lse, p_coef, t_coef, g, *options)
+    return grad, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fused_ce::cross_entropy_fused", _fused_backward, setup_context=_fused_setup_context)

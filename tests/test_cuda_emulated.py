@@ -73,15 +73,39 @@ def _compare(emulator, logits, target, weight, smoothing, softcap, threads):
         torch.testing.assert_close(g, w, **_tolerance(dtype), equal_nan=True, msg=lambda m: f"{name}: {m}")
 
     n = logits.shape[0]
-    p_coef = torch.randn(n)
-    t_coef = torch.randn(n)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    p_coef = torch.randn(n, dtype=acc)
+    t_coef = torch.randn(n, dtype=acc)
     p_coef[0] = t_coef[0] = 0.0  # a row no gradient flows into
     lse = want[1]
-    got_grad = emulator.backward(logits, target, weight, lse, p_coef, t_coef, ignore, smoothing, softcap, threads)
+    got_grad = emulator.backward(
+        logits, target, weight, lse, p_coef, t_coef, ignore, smoothing, softcap, threads, None, None
+    )
     want_grad = torch.ops.fused_ce.cross_entropy_backward(
         logits, target, weight, lse, p_coef, t_coef, ignore, smoothing, softcap
     )
     torch.testing.assert_close(got_grad, want_grad, **_tolerance(dtype), equal_nan=True)
+
+    # The fused kernel (gradient in the forward pass), out of place and over the logits.
+    row_scale = torch.rand(n, dtype=acc)
+    z_scale = torch.rand(n, dtype=acc) * 1e-2
+    want = torch.ops.fused_ce.cross_entropy_fused(logits, target, weight, row_scale, z_scale, ignore, smoothing, softcap)
+    for inplace in (False, True):
+        x = logits.clone() if inplace else logits
+        got = emulator.fused(x, target, weight, row_scale, z_scale, ignore, smoothing, softcap, threads, inplace)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, **_tolerance(dtype), equal_nan=True)
+        if inplace:
+            assert got[3].data_ptr() == x.data_ptr()
+
+    # Rows whose upstream is 1 keep what the buffer holds; the others are recomputed.
+    keep = torch.where(torch.arange(n) % 2 == 0, 1.0, 0.5).to(acc)
+    held = torch.full_like(logits, 7.0)
+    got_grad = emulator.backward(
+        logits, target, weight, lse, p_coef, t_coef, ignore, smoothing, softcap, threads, keep, held
+    )
+    torch.testing.assert_close(got_grad[0::2], held[0::2])
+    torch.testing.assert_close(got_grad[1::2], want_grad[1::2], **_tolerance(dtype), equal_nan=True)
 
 
 @pytest.mark.parametrize("threads", THREADS)
@@ -125,7 +149,7 @@ def test_out_of_range_target_gives_a_nan_row_only(emulator, threads):
     good = torch.tensor([0, 3])
     want = torch.ops.fused_ce.cross_entropy_forward(logits[good], target[good], None, -100, 0.0, 0.0)
     torch.testing.assert_close(loss[good], want[0])
-    grad = emulator.backward(logits, target, None, lse, torch.ones(4), torch.ones(4), -100, 0.0, 0.0, threads)
+    grad = emulator.backward(logits, target, None, lse, torch.ones(4), torch.ones(4), -100, 0.0, 0.0, threads, None, None)
     assert grad[1:3].isnan().all()
     assert grad[good].isfinite().all()
 

@@ -126,6 +126,15 @@ FUSED_CE_HOST_DEVICE acc_t row_loss(const RowStats<acc_t>& s) {
   return s.mass == acc_t(0) ? acc_t(0) : s.mass * log_(s.sum) + s.gap;
 }
 
+// The per-row objective when the forward pass also writes the gradient: the row's
+// loss scaled as its reduction needs (row_scale = 1/denominator for 'mean'), plus
+// the z-loss term z_scale * lse^2. Its gradient is grad_value with
+// t_coef = row_scale and p_coef = row_scale * mass + 2 * z_scale * lse.
+template <typename acc_t>
+FUSED_CE_HOST_DEVICE acc_t objective(acc_t loss, acc_t lse, acc_t row_scale, acc_t z_scale) {
+  return row_scale * loss + (z_scale == acc_t(0) ? acc_t(0) : z_scale * lse * lse);
+}
+
 // Gemma-2 style logit soft-capping z = cap * tanh(x / cap); cap <= 0 means off.
 // The templates also serve at::vec::Vectorized, which has .tanh().
 template <typename T>

@@ -34,10 +34,9 @@ inline void check_forward_args(const at::Tensor& logits, const at::Tensor& targe
                      logits.scalar_type(), "), got ", target.scalar_type());
     TORCH_CHECK_VALUE(V <= 1 || target.stride(1) == 1, "probability target must have unit stride along classes");
   } else {
-    TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, "class-index target must be int64, got ",
-                     target.scalar_type());
-    TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == N, "class-index target must have shape [", N,
-                      "], got ", target.sizes());
+    TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, "class-index target must be int64, got ", target.scalar_type());
+    TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == N, "class-index target must have shape [", N, "], got ",
+                      target.sizes());
   }
   if (weight.has_value()) {
     const at::Tensor& w = *weight;
@@ -54,11 +53,39 @@ inline void check_forward_args(const at::Tensor& logits, const at::Tensor& targe
                     softcap);
 }
 
+// Per-row tensors (statistics and coefficients) are in the accumulation dtype.
 inline void check_row_vector(const at::Tensor& t, const char* name, const at::Tensor& logits) {
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == logits.size(0), name, " must have shape [", logits.size(0),
-                    "], got ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == logits.size(0), name, " must have shape [", logits.size(0), "], got ",
+                    t.sizes());
+  const auto acc = accumulate_type(logits.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == acc, name, " must be ", acc, " for ", logits.scalar_type(), " logits, got ",
+                   t.scalar_type());
   TORCH_CHECK_VALUE(t.device() == logits.device(), name, " must be on the logits' device");
+}
+
+inline void check_grad_buffer(const at::Tensor& grad, const at::Tensor& logits) {
+  TORCH_CHECK_VALUE(grad.sizes() == logits.sizes(), "grad must have the logits' shape ", logits.sizes(), ", got ",
+                    grad.sizes());
+  TORCH_CHECK_TYPE(grad.scalar_type() == logits.scalar_type(), "grad must have the logits' dtype");
+  TORCH_CHECK_VALUE(grad.device() == logits.device(), "grad must be on the logits' device");
+  TORCH_CHECK_VALUE(grad.size(1) <= 1 || grad.stride(1) == 1, "grad must have unit stride along classes");
+}
+
+inline void check_fused_args(const at::Tensor& logits, const at::Tensor& row_scale,
+                             const std::optional<at::Tensor>& z_scale) {
+  check_row_vector(row_scale, "row_scale", logits);
+  if (z_scale.has_value()) check_row_vector(*z_scale, "z_scale", logits);
+}
+
+inline void check_scale_rows_args(const at::Tensor& rows, const at::Tensor& scale) {
+  TORCH_CHECK_VALUE(rows.dim() == 2, "rows must be 2-D, got ", rows.dim(), " dimensions");
+  TORCH_CHECK_VALUE(rows.size(1) <= 1 || rows.stride(1) == 1, "rows must have unit stride along classes");
+  TORCH_CHECK_VALUE(scale.dim() == 1 && scale.size(0) == rows.size(0), "scale must have shape [", rows.size(0),
+                    "], got ", scale.sizes());
+  const auto acc = accumulate_type(rows.scalar_type());
+  TORCH_CHECK_TYPE(scale.scalar_type() == acc, "scale must be ", acc, " for ", rows.scalar_type(), " rows, got ",
+                   scale.scalar_type());
+  TORCH_CHECK_VALUE(scale.device() == rows.device(), "scale must be on the rows' device");
 }
 
 inline TargetSpec target_spec(double label_smoothing, int64_t num_classes) {

@@ -34,8 +34,8 @@ Isa kernel_isa() {
 }
 
 #if defined(__x86_64__) || defined(_M_X64)
-#define FUSED_CE_CPU_CALL(fn, ...)                   \
-  switch (kernel_isa()) {                            \
+#define FUSED_CE_CPU_CALL(fn, ...)                     \
+  switch (kernel_isa()) {                              \
     case Isa::kAvx512: AVX512::fn(__VA_ARGS__); break; \
     case Isa::kAvx2: AVX2::fn(__VA_ARGS__); break;     \
     default: DEFAULT::fn(__VA_ARGS__); break;          \
@@ -47,8 +47,12 @@ Isa kernel_isa() {
 KernelArgs make_args(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                      int64_t ignore_index, double label_smoothing, double softcap) {
   check_forward_args(logits, target, weight, label_smoothing, softcap);
-  return {logits, target, weight.has_value() ? weight->contiguous() : at::Tensor(), ignore_index,
-          target_spec(label_smoothing, logits.size(1)), softcap};
+  return {logits,
+          target,
+          weight.has_value() ? weight->contiguous() : at::Tensor(),
+          ignore_index,
+          target_spec(label_smoothing, logits.size(1)),
+          softcap};
 }
 
 // The gradient is the one N x V buffer the ops allocate. Faulting in a fresh
@@ -78,8 +82,8 @@ void check_target_range(const at::Tensor& target, int64_t num_classes, int64_t i
   const int64_t stride = target.stride(0);
   for (int64_t i = 0; i < target.size(0); ++i) {
     const int64_t v = y[i * stride];
-    TORCH_CHECK_INDEX(v == ignore_index || (v >= 0 && v < num_classes), "target: class index ", v, " at position ",
-                      i, " is out of range [0, ", num_classes, ") and is not ignore_index (", ignore_index, ")");
+    TORCH_CHECK_INDEX(v == ignore_index || (v >= 0 && v < num_classes), "target: class index ", v, " at position ", i,
+                      " is out of range [0, ", num_classes, ") and is not ignore_index (", ignore_index, ")");
   }
 }
 
@@ -90,17 +94,65 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& log
   KernelArgs args = make_args(logits, target, weight, ignore_index, label_smoothing, softcap);
   check_target_range(target, logits.size(1), ignore_index);
   if (!target.is_floating_point()) args.target = target.contiguous();
-  const auto opts = logits.options().dtype(at::kFloat);
+  const auto opts = logits.options().dtype(accumulate_type(logits.scalar_type()));
   at::Tensor loss = at::empty({logits.size(0)}, opts);
   at::Tensor lse = at::empty({logits.size(0)}, opts);
   at::Tensor mass = at::empty({logits.size(0)}, opts);
-  FUSED_CE_CPU_CALL(forward, args, loss, lse, mass);
+  FUSED_CE_CPU_CALL(forward, args, loss, lse, mass, nullptr);
   return {loss, lse, mass};
 }
 
+// Shared by the out-of-place and in-place fused ops: grad is the buffer to write.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_into(const at::Tensor& logits, const at::Tensor& target,
+                                                          const std::optional<at::Tensor>& weight,
+                                                          const at::Tensor& row_scale,
+                                                          const std::optional<at::Tensor>& z_scale,
+                                                          int64_t ignore_index, double label_smoothing, double softcap,
+                                                          at::Tensor grad) {
+  KernelArgs args = make_args(logits, target, weight, ignore_index, label_smoothing, softcap);
+  check_fused_args(logits, row_scale, z_scale);
+  check_target_range(target, logits.size(1), ignore_index);
+  if (!target.is_floating_point()) args.target = target.contiguous();
+  const auto opts = logits.options().dtype(accumulate_type(logits.scalar_type()));
+  at::Tensor objective = at::empty({logits.size(0)}, opts);
+  at::Tensor lse = at::empty({logits.size(0)}, opts);
+  at::Tensor mass = at::empty({logits.size(0)}, opts);
+  const GradInForward with_grad{row_scale.contiguous(), z_scale.has_value() ? z_scale->contiguous() : at::Tensor(),
+                                grad};
+  FUSED_CE_CPU_CALL(forward, args, objective, lse, mass, &with_grad);
+  return {objective, lse, mass};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                                                     const std::optional<at::Tensor>& weight,
+                                                                     const at::Tensor& row_scale,
+                                                                     const std::optional<at::Tensor>& z_scale,
+                                                                     int64_t ignore_index, double label_smoothing,
+                                                                     double softcap) {
+  at::Tensor grad = empty_large(logits.sizes(), logits.options());
+  auto [objective, lse, mass] =
+      fused_into(logits, target, weight, row_scale, z_scale, ignore_index, label_smoothing, softcap, grad);
+  return {objective, lse, mass, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_inplace_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                                                 const std::optional<at::Tensor>& weight,
+                                                                 const at::Tensor& row_scale,
+                                                                 const std::optional<at::Tensor>& z_scale,
+                                                                 int64_t ignore_index, double label_smoothing,
+                                                                 double softcap) {
+  return fused_into(logits, target, weight, row_scale, z_scale, ignore_index, label_smoothing, softcap, logits);
+}
+
+void scale_rows_cpu(const at::Tensor& rows, const at::Tensor& scale) {
+  check_scale_rows_args(rows, scale);
+  at::Tensor r = rows;
+  FUSED_CE_CPU_CALL(scale_rows, r, scale);
+}
+
 at::Tensor backward_cpu(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                        const at::Tensor& lse, const at::Tensor& p_coef, const at::Tensor& t_coef,
-                        int64_t ignore_index, double label_smoothing, double softcap) {
+                        const at::Tensor& lse, const at::Tensor& p_coef, const at::Tensor& t_coef, int64_t ignore_index,
+                        double label_smoothing, double softcap) {
   KernelArgs args = make_args(logits, target, weight, ignore_index, label_smoothing, softcap);
   check_target_range(target, logits.size(1), ignore_index);
   if (!target.is_floating_point()) args.target = target.contiguous();
@@ -108,8 +160,24 @@ at::Tensor backward_cpu(const at::Tensor& logits, const at::Tensor& target, cons
   check_row_vector(p_coef, "p_coef", logits);
   check_row_vector(t_coef, "t_coef", logits);
   at::Tensor grad = empty_large(logits.sizes(), logits.options());
-  FUSED_CE_CPU_CALL(backward, args, lse.contiguous(), p_coef.contiguous(), t_coef.contiguous(), grad);
+  FUSED_CE_CPU_CALL(backward, args, lse.contiguous(), p_coef.contiguous(), t_coef.contiguous(), at::Tensor(), grad);
   return grad;
+}
+
+void backward_into_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
+                       const std::optional<at::Tensor>& weight, const at::Tensor& lse, const at::Tensor& p_coef,
+                       const at::Tensor& t_coef, const at::Tensor& keep_where_one, int64_t ignore_index,
+                       double label_smoothing, double softcap) {
+  KernelArgs args = make_args(logits, target, weight, ignore_index, label_smoothing, softcap);
+  check_target_range(target, logits.size(1), ignore_index);
+  if (!target.is_floating_point()) args.target = target.contiguous();
+  check_row_vector(lse, "lse", logits);
+  check_row_vector(p_coef, "p_coef", logits);
+  check_row_vector(t_coef, "t_coef", logits);
+  check_row_vector(keep_where_one, "keep_where_one", logits);
+  check_grad_buffer(grad, logits);
+  at::Tensor g = grad;
+  FUSED_CE_CPU_CALL(backward, args, lse.contiguous(), p_coef.contiguous(), t_coef.contiguous(), keep_where_one, g);
 }
 
 }  // namespace
@@ -117,6 +185,10 @@ at::Tensor backward_cpu(const at::Tensor& logits, const at::Tensor& target, cons
 TORCH_LIBRARY_IMPL(fused_ce, CPU, m) {
   m.impl("cross_entropy_forward", &forward_cpu);
   m.impl("cross_entropy_backward", &backward_cpu);
+  m.impl("cross_entropy_backward_into_", &backward_into_cpu);
+  m.impl("cross_entropy_fused", &fused_cpu);
+  m.impl("cross_entropy_fused_", &fused_inplace_cpu);
+  m.impl("scale_rows_", &scale_rows_cpu);
 }
 
 }  // namespace fused_ce::cpu

@@ -7,6 +7,8 @@
 // one pass takes its max and a second its exp-sum and target sums, and the
 // block's statistics merge into the row's by the online log-sum-exp
 // (common/ce_math.h). Each logit is read from memory once and needs one exp.
+#include "cpu/kernels.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -17,8 +19,6 @@
 #include <limits>
 #include <type_traits>
 #include <vector>
-
-#include "cpu/kernels.h"
 
 #ifndef CPU_CAPABILITY
 #error "kernels.cpp is compiled once per CPU_CAPABILITY by setup.py"
@@ -69,6 +69,11 @@ Vectorized<acc_t> exp_bounded(const Vectorized<acc_t>& x) {
   }
 }
 
+// Rows per parallel task: about 32k logits, at least one row.
+inline int64_t grain_rows(int64_t num_classes) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(num_classes, 1));
+}
+
 template <typename acc_t>
 acc_t reduce_sum(const Vectorized<acc_t>& v) {
   return at::vec::vec_reduce_all<acc_t>([](Vectorized<acc_t>& a, Vectorized<acc_t>& b) { return a + b; }, v);
@@ -92,7 +97,7 @@ struct Problem {
   const scalar_t* logits;
   int64_t logits_stride;
   int64_t num_classes;
-  const int64_t* target_index = nullptr;  // class-index targets
+  const int64_t* target_index = nullptr;   // class-index targets
   const scalar_t* target_probs = nullptr;  // probability targets
   int64_t target_stride = 0;
   const acc_t* weight = nullptr;
@@ -158,8 +163,7 @@ struct Problem {
   void load_spread_targets(const Row& r, int64_t b, int64_t n, acc_t* buf) const {
     int64_t j = 0;
     if (r.probs) {
-      for (; j < n; ++j)
-        buf[j] = class_weight(b + j) * (on_target * static_cast<acc_t>(r.probs[b + j]) + smoothing);
+      for (; j < n; ++j) buf[j] = class_weight(b + j) * (on_target * static_cast<acc_t>(r.probs[b + j]) + smoothing);
     } else if (weight) {
       for (; j < n; ++j) buf[j] = smoothing * weight[b + j];
     } else {
@@ -204,106 +208,160 @@ struct Problem {
     }
     return s;
   }
+
+  // Statistics of a whole row; zy is the (soft-capped) logit of a class-index target.
+  RowStats<acc_t> row_stats(const Row& r, const scalar_t* x, acc_t zy, acc_t* z, acc_t* t) const {
+    RowStats<acc_t> st = empty_row_stats<acc_t>();
+    for (int64_t b = 0; b < num_classes; b += kBlock) {
+      const int64_t n = std::min(kBlock, num_classes - b);
+      const int64_t padded = load_logits(x + b, n, z);
+      if (r.spread) load_spread_targets(r, b, n, t);
+      st = merge(st, block_stats(z, r.spread ? t : nullptr, padded));
+    }
+    if (r.index >= 0) add_target(st, on_target * class_weight(r.index), zy);
+    return st;
+  }
+
+  // Writes the row's gradient p_coef * softmax - t_coef * T (times the soft-cap
+  // slope) to g. g may be x itself (in place): each block is copied to z before
+  // its gradient is written, and zy was read before any.
+  void row_grad(const Row& r, const scalar_t* x, scalar_t* g, acc_t zy, acc_t lse, acc_t pc, acc_t tc, acc_t* z,
+                acc_t* t) const {
+    if (pc == acc_t(0) && (r.ignored || tc == acc_t(0))) {
+      // Nothing flows into this row (an ignored row, or a zero upstream gradient).
+      std::fill(g, g + num_classes, scalar_t(0));
+      return;
+    }
+    // A NaN or infinite lse (NaN or +inf logits, or only -inf ones) makes the
+    // row's softmax NaN, as in PyTorch; otherwise exp's arguments are <= 0.
+    const bool finite_lse = std::isfinite(lse);
+    const Vec vlse(lse), vpc(pc), vtc(tc), vinv_cap(inv_cap), zero(0);
+    const Vec nan(std::numeric_limits<acc_t>::quiet_NaN());
+    for (int64_t b = 0; b < num_classes; b += kBlock) {
+      const int64_t n = std::min(kBlock, num_classes - b);
+      load_logits(x + b, n, z);
+      if (r.spread) load_spread_targets(r, b, n, t);
+      for (int64_t j = 0; j < n; j += kWidth) {
+        const Vec zj = Vec::loadu(z + j);
+        const Vec tj = r.spread ? Vec::loadu(t + j) : zero;
+        Vec gj = grad_value(finite_lse ? exp_bounded(zj - vlse) : nan, tj, vpc, vtc);
+        if (cap > 0) gj = gj * softcap_slope(zj, vinv_cap);
+        store_vec(gj, g + b + j, std::min(kWidth, n - j));
+      }
+    }
+    if (r.index >= 0) {
+      // The one-hot entry, written again with the whole of T_y.
+      const int64_t y = r.index;
+      const acc_t ty = class_weight(y) * (on_target + (r.spread ? smoothing : acc_t(0)));
+      const acc_t py = finite_lse ? exp_(zy - lse) : std::numeric_limits<acc_t>::quiet_NaN();
+      acc_t gy = grad_value(py, ty, pc, tc);
+      if (cap > 0) gy *= softcap_slope(zy, inv_cap);
+      g[y] = static_cast<scalar_t>(gy);
+    }
+  }
 };
 
 template <typename scalar_t>
-void forward_impl(const KernelArgs& args, at::Tensor& loss_out, at::Tensor& lse_out, at::Tensor& mass_out) {
+void forward_impl(const KernelArgs& args, at::Tensor& loss_out, at::Tensor& lse_out, at::Tensor& mass_out,
+                  const GradInForward* with_grad) {
   using P = Problem<scalar_t>;
   using acc_t = typename P::acc_t;
   const P p(args);
-  float* loss = loss_out.data_ptr<float>();
-  float* lse = lse_out.data_ptr<float>();
-  float* mass = mass_out.data_ptr<float>();
+  acc_t* loss = loss_out.data_ptr<acc_t>();
+  acc_t* lse = lse_out.data_ptr<acc_t>();
+  acc_t* mass = mass_out.defined() ? mass_out.data_ptr<acc_t>() : nullptr;
+  const acc_t* row_scale = with_grad ? with_grad->row_scale.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* z_scale =
+      with_grad && with_grad->z_scale.defined() ? with_grad->z_scale.const_data_ptr<acc_t>() : nullptr;
+  scalar_t* grad = with_grad ? with_grad->grad.data_ptr<scalar_t>() : nullptr;
+  const int64_t grad_stride = with_grad ? with_grad->grad.stride(0) : 0;
   const int64_t N = args.logits.size(0), V = p.num_classes;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> z(kBlock), t(kBlock);
     for (int64_t i = begin; i < end; ++i) {
       const scalar_t* x = p.logits + i * p.logits_stride;
       const auto r = p.row(i);
-      RowStats<acc_t> st = empty_row_stats<acc_t>();
-      for (int64_t b = 0; b < V; b += kBlock) {
-        const int64_t n = std::min(kBlock, V - b);
-        const int64_t padded = p.load_logits(x + b, n, z.data());
-        if (r.spread) p.load_spread_targets(r, b, n, t.data());
-        st = merge(st, P::block_stats(z.data(), r.spread ? t.data() : nullptr, padded));
+      const acc_t zy = r.index >= 0 ? p.logit(x, r.index) : acc_t(0);
+      const RowStats<acc_t> st = p.row_stats(r, x, zy, z.data(), t.data());
+      const acc_t row_lse_i = row_lse(st), row_loss_i = row_loss(st);
+      lse[i] = row_lse_i;
+      if (mass) mass[i] = st.mass;
+      if (!grad) {
+        loss[i] = row_loss_i;
+        continue;
       }
-      if (r.index >= 0) add_target(st, p.on_target * p.class_weight(r.index), p.logit(x, r.index));
-      lse[i] = static_cast<float>(row_lse(st));
-      loss[i] = static_cast<float>(row_loss(st));
-      mass[i] = static_cast<float>(st.mass);
+      const acc_t s = row_scale[i], zs = z_scale ? z_scale[i] : acc_t(0);
+      loss[i] = objective(row_loss_i, row_lse_i, s, zs);
+      p.row_grad(r, x, grad + i * grad_stride, zy, row_lse_i, s * st.mass + 2 * zs * row_lse_i, s, z.data(), t.data());
     }
   });
 }
 
 template <typename scalar_t>
 void backward_impl(const KernelArgs& args, const at::Tensor& lse_in, const at::Tensor& p_coef_in,
-                   const at::Tensor& t_coef_in, at::Tensor& grad_out) {
+                   const at::Tensor& t_coef_in, const at::Tensor& keep_where_one, at::Tensor& grad_out) {
   using P = Problem<scalar_t>;
   using acc_t = typename P::acc_t;
-  using Vec = typename P::Vec;
-  constexpr int64_t W = P::kWidth;
   const P p(args);
-  const float* lse = lse_in.const_data_ptr<float>();
-  const float* p_coefs = p_coef_in.const_data_ptr<float>();
-  const float* t_coefs = t_coef_in.const_data_ptr<float>();
+  const acc_t* lse = lse_in.const_data_ptr<acc_t>();
+  const acc_t* p_coefs = p_coef_in.const_data_ptr<acc_t>();
+  const acc_t* t_coefs = t_coef_in.const_data_ptr<acc_t>();
+  const acc_t* keep = keep_where_one.defined() ? keep_where_one.const_data_ptr<acc_t>() : nullptr;
+  const int64_t keep_stride = keep ? keep_where_one.stride(0) : 0;
   scalar_t* grad = grad_out.data_ptr<scalar_t>();
+  const int64_t grad_stride = grad_out.stride(0);
   const int64_t N = args.logits.size(0), V = p.num_classes;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> z(kBlock), t(kBlock);
     for (int64_t i = begin; i < end; ++i) {
+      if (keep && keep[i * keep_stride] == acc_t(1)) continue;  // the row already holds its gradient
       const scalar_t* x = p.logits + i * p.logits_stride;
-      scalar_t* g = grad + i * V;
       const auto r = p.row(i);
-      const acc_t row_lse_i = lse[i], pc = p_coefs[i], tc = t_coefs[i];
-      if (pc == acc_t(0) && (r.ignored || tc == acc_t(0))) {
-        // Nothing flows into this row (an ignored row, or a zero upstream gradient).
-        std::fill(g, g + V, scalar_t(0));
-        continue;
-      }
-      // A NaN or infinite lse (NaN or +inf logits, or only -inf ones) makes the
-      // row's softmax NaN, as in PyTorch; otherwise exp's arguments are <= 0.
-      const bool finite_lse = std::isfinite(row_lse_i);
-      const Vec vlse(row_lse_i), vpc(pc), vtc(tc), vinv_cap(p.inv_cap), zero(0);
-      const Vec nan(std::numeric_limits<acc_t>::quiet_NaN());
-      for (int64_t b = 0; b < V; b += kBlock) {
-        const int64_t n = std::min(kBlock, V - b);
-        p.load_logits(x + b, n, z.data());
-        if (r.spread) p.load_spread_targets(r, b, n, t.data());
-        for (int64_t j = 0; j < n; j += W) {
-          const Vec zj = Vec::loadu(z.data() + j);
-          const Vec tj = r.spread ? Vec::loadu(t.data() + j) : zero;
-          Vec gj = grad_value(finite_lse ? exp_bounded(zj - vlse) : nan, tj, vpc, vtc);
-          if (p.cap > 0) gj = gj * softcap_slope(zj, vinv_cap);
-          store_vec(gj, g + b + j, std::min(W, n - j));
-        }
-      }
-      if (r.index >= 0) {
-        // The one-hot entry, written again with the whole of T_y.
-        const int64_t y = r.index;
-        const acc_t zy = p.logit(x, y);
-        const acc_t ty = p.class_weight(y) * (p.on_target + (r.spread ? p.smoothing : acc_t(0)));
-        const acc_t py = finite_lse ? exp_(zy - row_lse_i) : std::numeric_limits<acc_t>::quiet_NaN();
-        acc_t gy = grad_value(py, ty, pc, tc);
-        if (p.cap > 0) gy *= softcap_slope(zy, p.inv_cap);
-        g[y] = static_cast<scalar_t>(gy);
-      }
+      const acc_t zy = r.index >= 0 ? p.logit(x, r.index) : acc_t(0);
+      p.row_grad(r, x, grad + i * grad_stride, zy, lse[i], p_coefs[i], t_coefs[i], z.data(), t.data());
+    }
+  });
+}
+
+template <typename scalar_t>
+void scale_rows_impl(at::Tensor& rows, const at::Tensor& scale) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  scalar_t* data = rows.data_ptr<scalar_t>();
+  const acc_t* s = scale.const_data_ptr<acc_t>();
+  const int64_t N = rows.size(0), V = rows.size(1), stride = rows.stride(0), s_stride = scale.stride(0);
+  at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t factor = s[i * s_stride];
+      if (factor == acc_t(1)) continue;  // a plain loss.backward(): nothing to do
+      scalar_t* row = data + i * stride;
+      const Vec vf(factor);
+      int64_t j = 0;
+      for (; j + W <= V; j += W) store_vec(load_vec(row + j) * vf, row + j, W);
+      for (; j < V; ++j) row[j] = static_cast<scalar_t>(static_cast<acc_t>(row[j]) * factor);
     }
   });
 }
 
 }  // namespace
 
-void forward(const KernelArgs& args, at::Tensor& loss, at::Tensor& lse, at::Tensor& mass) {
+void forward(const KernelArgs& args, at::Tensor& loss, at::Tensor& lse, at::Tensor& mass,
+             const GradInForward* with_grad) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.logits.scalar_type(), "fused_ce_forward_cpu",
-                                  [&] { forward_impl<scalar_t>(args, loss, lse, mass); });
+                                  [&] { forward_impl<scalar_t>(args, loss, lse, mass, with_grad); });
 }
 
 void backward(const KernelArgs& args, const at::Tensor& lse, const at::Tensor& p_coef, const at::Tensor& t_coef,
-              at::Tensor& grad_logits) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.logits.scalar_type(), "fused_ce_backward_cpu",
-                                  [&] { backward_impl<scalar_t>(args, lse, p_coef, t_coef, grad_logits); });
+              const at::Tensor& keep_where_one, at::Tensor& grad_logits) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.logits.scalar_type(), "fused_ce_backward_cpu", [&] {
+    backward_impl<scalar_t>(args, lse, p_coef, t_coef, keep_where_one, grad_logits);
+  });
+}
+
+void scale_rows(at::Tensor& rows, const at::Tensor& scale) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rows.scalar_type(), "fused_ce_scale_rows_cpu",
+                                  [&] { scale_rows_impl<scalar_t>(rows, scale); });
 }
 
 }  // namespace CPU_CAPABILITY

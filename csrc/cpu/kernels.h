@@ -13,19 +13,31 @@ namespace fused_ce::cpu {
 struct KernelArgs {
   at::Tensor logits;  // [N, V], unit class stride
   at::Tensor target;  // [N] int64, or [N, V] probabilities (logits' dtype, unit class stride)
-  at::Tensor weight;  // [V] float32, or undefined
+  at::Tensor weight;  // [V] in the accumulation dtype (accumulate_type), or undefined
   int64_t ignore_index;
   TargetSpec spec;
   double softcap;  // <= 0: off
 };
 
-#define FUSED_CE_DECLARE_CPU_KERNELS(isa)                                                          \
-  namespace isa {                                                                                  \
-  /* loss, lse, mass: [N] float32 outputs */                                                       \
-  void forward(const KernelArgs& args, at::Tensor& loss, at::Tensor& lse, at::Tensor& mass);       \
-  /* grad_logits [N, V] contiguous; lse, p_coef, t_coef [N] float32 */                             \
-  void backward(const KernelArgs& args, const at::Tensor& lse, const at::Tensor& p_coef,           \
-                const at::Tensor& t_coef, at::Tensor& grad_logits);                                \
+// The gradient written by the forward pass itself (see objective() in
+// common/ce_math.h); the per-row output is then the objective.
+struct GradInForward {
+  at::Tensor row_scale;  // [N] in the accumulation dtype
+  at::Tensor z_scale;    // [N] in the accumulation dtype, or undefined (no z-loss)
+  at::Tensor grad;       // [N, V], unit class stride; may be the logits themselves
+};
+
+#define FUSED_CE_DECLARE_CPU_KERNELS(isa)                                                                          \
+  namespace isa {                                                                                                  \
+  /* loss (or objective), lse, mass (may be undefined): [N] outputs in the accumulation dtype */                   \
+  void forward(const KernelArgs& args, at::Tensor& loss, at::Tensor& lse, at::Tensor& mass,                        \
+               const GradInForward* with_grad);                                                                    \
+  /* grad_logits [N, V] (unit class stride); lse, p_coef, t_coef [N] in the accumulation dtype; */                 \
+  /* rows i with keep_where_one[i] == 1 are left as they are (keep_where_one may be undefined) */                  \
+  void backward(const KernelArgs& args, const at::Tensor& lse, const at::Tensor& p_coef, const at::Tensor& t_coef, \
+                const at::Tensor& keep_where_one, at::Tensor& grad_logits);                                        \
+  /* rows [N, V] *= scale [N] (any strides); rows whose scale is 1 are skipped */                                  \
+  void scale_rows(at::Tensor& rows, const at::Tensor& scale);                                                      \
   }
 
 FUSED_CE_DECLARE_CPU_KERNELS(DEFAULT)

@@ -25,38 +25,125 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& lo
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor target_rows = target.is_floating_point() ? target : target.contiguous();
   const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
-  const auto opts = logits.options().dtype(at::kFloat);
+  const auto opts = logits.options().dtype(accumulate_type(logits.scalar_type()));
   at::Tensor loss = at::empty({logits.size(0)}, opts);
   at::Tensor lse = at::empty({logits.size(0)}, opts);
   at::Tensor mass = at::empty({logits.size(0)}, opts);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "fused_ce_forward_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
     launch_forward(make_problem<scalar_t>(logits, target_rows, w, ignore_index, label_smoothing, softcap),
-                   ForwardOutputs{loss.data_ptr<float>(), lse.data_ptr<float>(), mass.data_ptr<float>()}, stream);
+                   ForwardOutputs<acc_t>{loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), mass.data_ptr<acc_t>()},
+                   GradInForward<scalar_t>{}, stream);
   });
   return {loss, lse, mass};
+}
+
+void backward_into(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
+                   const std::optional<at::Tensor>& weight, const at::Tensor& lse, const at::Tensor& p_coef,
+                   const at::Tensor& t_coef, const at::Tensor* keep_where_one, int64_t ignore_index,
+                   double label_smoothing, double softcap) {
+  check_forward_args(logits, target, weight, label_smoothing, softcap);
+  check_row_vector(lse, "lse", logits);
+  check_row_vector(p_coef, "p_coef", logits);
+  check_row_vector(t_coef, "t_coef", logits);
+  if (keep_where_one) check_row_vector(*keep_where_one, "keep_where_one", logits);
+  check_grad_buffer(grad, logits);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const at::Tensor target_rows = target.is_floating_point() ? target : target.contiguous();
+  const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
+  const at::Tensor lse_c = lse.contiguous(), p_coef_c = p_coef.contiguous(), t_coef_c = t_coef.contiguous();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "fused_ce_backward_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    BackwardInputs<acc_t> in{lse_c.const_data_ptr<acc_t>(), p_coef_c.const_data_ptr<acc_t>(),
+                             t_coef_c.const_data_ptr<acc_t>()};
+    if (keep_where_one) {
+      in.keep_where_one = keep_where_one->const_data_ptr<acc_t>();
+      in.keep_stride = keep_where_one->stride(0);
+    }
+    launch_backward(make_problem<scalar_t>(logits, target_rows, w, ignore_index, label_smoothing, softcap), in,
+                    grad.data_ptr<scalar_t>(), grad.stride(0), stream);
+  });
 }
 
 at::Tensor backward_cuda(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                          const at::Tensor& lse, const at::Tensor& p_coef, const at::Tensor& t_coef,
                          int64_t ignore_index, double label_smoothing, double softcap) {
+  at::Tensor grad = at::empty(logits.sizes(), logits.options());
+  backward_into(grad, logits, target, weight, lse, p_coef, t_coef, nullptr, ignore_index, label_smoothing, softcap);
+  return grad;
+}
+
+void backward_into_cuda(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
+                        const std::optional<at::Tensor>& weight, const at::Tensor& lse, const at::Tensor& p_coef,
+                        const at::Tensor& t_coef, const at::Tensor& keep_where_one, int64_t ignore_index,
+                        double label_smoothing, double softcap) {
+  backward_into(grad, logits, target, weight, lse, p_coef, t_coef, &keep_where_one, ignore_index, label_smoothing,
+                softcap);
+}
+
+// Shared by the out-of-place and in-place fused ops: grad is the buffer to write.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_into(const at::Tensor& logits, const at::Tensor& target,
+                                                          const std::optional<at::Tensor>& weight,
+                                                          const at::Tensor& row_scale,
+                                                          const std::optional<at::Tensor>& z_scale,
+                                                          int64_t ignore_index, double label_smoothing, double softcap,
+                                                          const at::Tensor& grad) {
   check_forward_args(logits, target, weight, label_smoothing, softcap);
-  check_row_vector(lse, "lse", logits);
-  check_row_vector(p_coef, "p_coef", logits);
-  check_row_vector(t_coef, "t_coef", logits);
+  check_fused_args(logits, row_scale, z_scale);
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor target_rows = target.is_floating_point() ? target : target.contiguous();
   const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
-  const at::Tensor lse_c = lse.contiguous(), p_coef_c = p_coef.contiguous(), t_coef_c = t_coef.contiguous();
-  at::Tensor grad = at::empty(logits.sizes(), logits.options());
+  const at::Tensor row_scale_c = row_scale.contiguous();
+  const at::Tensor z_scale_c = z_scale.has_value() ? z_scale->contiguous() : at::Tensor();
+  const auto opts = logits.options().dtype(accumulate_type(logits.scalar_type()));
+  at::Tensor objective = at::empty({logits.size(0)}, opts);
+  at::Tensor lse = at::empty({logits.size(0)}, opts);
+  at::Tensor mass = at::empty({logits.size(0)}, opts);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "fused_ce_backward_cuda", [&] {
-    launch_backward(make_problem<scalar_t>(logits, target_rows, w, ignore_index, label_smoothing, softcap),
-                    BackwardInputs{lse_c.const_data_ptr<float>(), p_coef_c.const_data_ptr<float>(),
-                                   t_coef_c.const_data_ptr<float>()},
-                    grad.data_ptr<scalar_t>(), stream);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "fused_ce_fused_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    GradInForward<scalar_t> with_grad;
+    with_grad.row_scale = row_scale_c.const_data_ptr<acc_t>();
+    with_grad.z_scale = z_scale_c.defined() ? z_scale_c.const_data_ptr<acc_t>() : nullptr;
+    with_grad.grad = grad.data_ptr<scalar_t>();
+    with_grad.grad_stride = grad.stride(0);
+    launch_forward(make_problem<scalar_t>(logits, target_rows, w, ignore_index, label_smoothing, softcap),
+                   ForwardOutputs<acc_t>{objective.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), mass.data_ptr<acc_t>()},
+                   with_grad, stream);
   });
-  return grad;
+  return {objective, lse, mass};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cuda(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    const at::Tensor& row_scale, const std::optional<at::Tensor>& z_scale, int64_t ignore_index, double label_smoothing,
+    double softcap) {
+  at::Tensor grad = at::empty(logits.sizes(), logits.options());
+  auto [objective, lse, mass] =
+      fused_into(logits, target, weight, row_scale, z_scale, ignore_index, label_smoothing, softcap, grad);
+  return {objective, lse, mass, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_inplace_cuda(const at::Tensor& logits, const at::Tensor& target,
+                                                                  const std::optional<at::Tensor>& weight,
+                                                                  const at::Tensor& row_scale,
+                                                                  const std::optional<at::Tensor>& z_scale,
+                                                                  int64_t ignore_index, double label_smoothing,
+                                                                  double softcap) {
+  return fused_into(logits, target, weight, row_scale, z_scale, ignore_index, label_smoothing, softcap, logits);
+}
+
+void scale_rows_cuda(const at::Tensor& rows, const at::Tensor& scale) {
+  check_scale_rows_args(rows, scale);
+  const c10::cuda::CUDAGuard guard(rows.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rows.scalar_type(), "fused_ce_scale_rows_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    launch_scale_rows(rows.data_ptr<scalar_t>(), rows.size(0), rows.size(1), rows.stride(0),
+                      scale.const_data_ptr<acc_t>(), scale.stride(0), stream);
+  });
 }
 
 }  // namespace
@@ -64,6 +151,10 @@ at::Tensor backward_cuda(const at::Tensor& logits, const at::Tensor& target, con
 TORCH_LIBRARY_IMPL(fused_ce, CUDA, m) {
   m.impl("cross_entropy_forward", &forward_cuda);
   m.impl("cross_entropy_backward", &backward_cuda);
+  m.impl("cross_entropy_backward_into_", &backward_into_cuda);
+  m.impl("cross_entropy_fused", &fused_cuda);
+  m.impl("cross_entropy_fused_", &fused_inplace_cuda);
+  m.impl("scale_rows_", &scale_rows_cuda);
 }
 
 }  // namespace fused_ce::cuda

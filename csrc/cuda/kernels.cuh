@@ -126,8 +126,13 @@ struct RowContext {
   bool bad_target;  // class index out of range (not ignore_index): NaN results
 
   __device__ RowContext(const RowProblem<scalar_t>& problem, int64_t r)
-      : p(problem), row(r), logits(problem.logits + r * problem.logits_stride), probs(nullptr), index(-1),
-        ignored(false), bad_target(false) {
+      : p(problem),
+        row(r),
+        logits(problem.logits + r * problem.logits_stride),
+        probs(nullptr),
+        index(-1),
+        ignored(false),
+        bad_target(false) {
     if (problem.target_probs != nullptr) {
       probs = problem.target_probs + r * problem.target_stride;
     } else {
@@ -191,9 +196,53 @@ __device__ __forceinline__ void accumulate(RowStats<acc_t>& s, const acc_t (&z)[
   }
 }
 
+// Writes the gradient of one row: p_coef * softmax - t_coef * T, times the
+// soft-cap slope. g may be the logits row itself (in place): every element is
+// read and then written by the same thread.
 template <typename scalar_t, int kThreads, TargetMode kMode>
+__device__ __forceinline__ void write_row_grad(const RowContext<scalar_t>& ctx, const RowSplit& split, int lane,
+                                               acc_type<scalar_t> lse, acc_type<scalar_t> p_coef,
+                                               acc_type<scalar_t> t_coef, scalar_t* g) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int W = kVecWidth<scalar_t>;
+  const RowProblem<scalar_t>& p = ctx.p;
+  const bool zero_row = p_coef == acc_t(0) && (ctx.ignored || t_coef == acc_t(0));
+  const acc_t nan = acc_t(__int_as_float(0x7fffffff));
+
+  auto grad_at = [&](acc_t z, int64_t c) -> acc_t {
+    if (zero_row) return acc_t(0);  // nothing flows into this row
+    if (ctx.bad_target) return nan;
+    acc_t v = grad_value(exp_(z - lse), ctx.template target<kMode>(c), p_coef, t_coef);
+    if (p.cap > acc_t(0)) v *= softcap_slope(z, p.inv_cap);
+    return v;
+  };
+
+  // The gradient rows may be aligned differently from the logits' (they are
+  // contiguous, the logits may not be); then vectors are stored element by element.
+  const bool aligned_out = reinterpret_cast<uintptr_t>(g) % 16 == reinterpret_cast<uintptr_t>(ctx.logits) % 16;
+  for_each_owned<scalar_t, kThreads>(
+      split, p.num_classes, lane,
+      [&](int64_t c0) {
+        const auto pk = *reinterpret_cast<const Pack<scalar_t, W>*>(ctx.logits + c0);
+        Pack<scalar_t, W> res;
+#pragma unroll
+        for (int k = 0; k < W; ++k) res.v[k] = static_cast<scalar_t>(grad_at(ctx.logit(pk.v[k]), c0 + k));
+        if (aligned_out) {
+          *reinterpret_cast<Pack<scalar_t, W>*>(g + c0) = res;
+        } else {
+#pragma unroll
+          for (int k = 0; k < W; ++k) g[c0 + k] = res.v[k];
+        }
+      },
+      [&](int64_t c) { g[c] = static_cast<scalar_t>(grad_at(ctx.logit(ctx.logits[c]), c)); });
+}
+
+// Per-row statistics (loss, lse, mass) and, with kWithGrad, the gradient of the
+// objective (see objective() in common/ce_math.h) in the same pass over the row.
+template <typename scalar_t, int kThreads, TargetMode kMode, bool kWithGrad>
 __global__ void __launch_bounds__(block_size<kThreads>())
-    forward_kernel(const RowProblem<scalar_t> p, const ForwardOutputs out) {
+    forward_kernel(const RowProblem<scalar_t> p, const ForwardOutputs<acc_type<scalar_t>> out,
+                   const GradInForward<scalar_t> with_grad) {
   using acc_t = acc_type<scalar_t>;
   constexpr int W = kVecWidth<scalar_t>;
   constexpr int kRowsPerBlock = block_size<kThreads>() / kThreads;
@@ -203,6 +252,8 @@ __global__ void __launch_bounds__(block_size<kThreads>())
   if (row >= p.num_rows) return;
 
   const RowContext<scalar_t> ctx(p, row);
+  // Read before any thread may overwrite the row with its gradient.
+  const acc_t zy = ctx.index >= 0 ? ctx.logit(ctx.logits[ctx.index]) : acc_t(0);
   const RowSplit split = split_row(ctx.logits, p.num_classes);
   RowStats<acc_t> s = empty_row_stats<acc_t>();
   for_each_owned<scalar_t, kThreads>(
@@ -222,67 +273,54 @@ __global__ void __launch_bounds__(block_size<kThreads>())
         const acc_t t[1] = {ctx.template spread_target<kMode>(c)};
         accumulate<kMode>(s, z, t);
       });
-  s = merge_row<kThreads>(s);
-
+  s = merge_row<kThreads>(s);  // every thread of the row holds the row's statistics now
+  if (ctx.index >= 0) add_target(s, acc_t(p.on_target * ctx.weight(ctx.index)), zy);
+  const acc_t lse = row_lse(s);
+  acc_t reported = row_loss(s);
+  if constexpr (kWithGrad) {
+    const acc_t row_scale = with_grad.row_scale[row];
+    const acc_t z_scale = with_grad.z_scale ? with_grad.z_scale[row] : acc_t(0);
+    write_row_grad<scalar_t, kThreads, kMode>(ctx, split, lane, lse, row_scale * s.mass + 2 * z_scale * lse, row_scale,
+                                              with_grad.grad + row * with_grad.grad_stride);
+    reported = objective(reported, lse, row_scale, z_scale);
+  }
   if (lane == 0) {
-    if (ctx.bad_target) {
-      // Never read out of bounds: the row's results are NaN (see set_target_validation).
-      const float nan = __int_as_float(0x7fffffff);
-      out.loss[row] = out.lse[row] = out.mass[row] = nan;
-      return;
-    }
-    if (ctx.index >= 0) {
-      add_target(s, acc_t(p.on_target * ctx.weight(ctx.index)), ctx.logit(ctx.logits[ctx.index]));
-    }
-    out.lse[row] = static_cast<float>(row_lse(s));
-    out.loss[row] = static_cast<float>(row_loss(s));
-    out.mass[row] = static_cast<float>(s.mass);
+    // A bad class index never makes the kernel read out of bounds: the row's
+    // results are NaN instead (see fused_ce.set_target_validation).
+    const acc_t nan = acc_t(__int_as_float(0x7fffffff));
+    out.loss[row] = ctx.bad_target ? nan : reported;
+    out.lse[row] = ctx.bad_target ? nan : lse;
+    if (out.mass) out.mass[row] = ctx.bad_target ? nan : s.mass;
   }
 }
 
 template <typename scalar_t, int kThreads, TargetMode kMode>
 __global__ void __launch_bounds__(block_size<kThreads>())
-    backward_kernel(const RowProblem<scalar_t> p, const BackwardInputs in, scalar_t* __restrict__ grad) {
-  using acc_t = acc_type<scalar_t>;
-  constexpr int W = kVecWidth<scalar_t>;
+    backward_kernel(const RowProblem<scalar_t> p, const BackwardInputs<acc_type<scalar_t>> in,
+                    scalar_t* __restrict__ grad, int64_t grad_stride) {
   constexpr int kRowsPerBlock = block_size<kThreads>() / kThreads;
   const int lane = threadIdx.x % kThreads;
   const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreads;
   if (row >= p.num_rows) return;
-
+  if (in.keep_where_one && in.keep_where_one[row * in.keep_stride] == 1) return;  // holds its gradient already
   const RowContext<scalar_t> ctx(p, row);
-  scalar_t* g = grad + row * p.num_classes;
-  const acc_t lse = in.lse[row], p_coef = in.p_coef[row], t_coef = in.t_coef[row];
-  const bool zero_row = p_coef == acc_t(0) && (ctx.ignored || t_coef == acc_t(0));
-  const acc_t nan = acc_t(__int_as_float(0x7fffffff));
+  write_row_grad<scalar_t, kThreads, kMode>(ctx, split_row(ctx.logits, p.num_classes), lane, in.lse[row],
+                                            in.p_coef[row], in.t_coef[row], grad + row * grad_stride);
+}
 
-  auto grad_at = [&](acc_t z, int64_t c) -> acc_t {
-    if (zero_row) return acc_t(0);  // nothing flows into this row
-    if (ctx.bad_target) return nan;
-    acc_t v = grad_value(exp_(z - lse), ctx.template target<kMode>(c), p_coef, t_coef);
-    if (p.cap > acc_t(0)) v *= softcap_slope(z, p.inv_cap);
-    return v;
-  };
-
-  const RowSplit split = split_row(ctx.logits, p.num_classes);
-  // The gradient rows are contiguous, so their alignment can differ from the
-  // logits'; then the vectors are stored element by element.
-  const bool aligned_out = reinterpret_cast<uintptr_t>(g) % 16 == reinterpret_cast<uintptr_t>(ctx.logits) % 16;
-  for_each_owned<scalar_t, kThreads>(
-      split, p.num_classes, lane,
-      [&](int64_t c0) {
-        const auto pk = *reinterpret_cast<const Pack<scalar_t, W>*>(ctx.logits + c0);
-        Pack<scalar_t, W> res;
-#pragma unroll
-        for (int k = 0; k < W; ++k) res.v[k] = static_cast<scalar_t>(grad_at(ctx.logit(pk.v[k]), c0 + k));
-        if (aligned_out) {
-          *reinterpret_cast<Pack<scalar_t, W>*>(g + c0) = res;
-        } else {
-#pragma unroll
-          for (int k = 0; k < W; ++k) g[c0 + k] = res.v[k];
-        }
-      },
-      [&](int64_t c) { g[c] = static_cast<scalar_t>(grad_at(ctx.logit(ctx.logits[c]), c)); });
+// rows[i] *= scale[i], skipping rows whose scale is exactly 1 (a plain
+// loss.backward()), so that case costs one read of scale per row.
+template <typename scalar_t>
+__global__ void scale_rows_kernel(scalar_t* rows, int64_t num_rows, int64_t num_classes, int64_t stride,
+                                  const acc_type<scalar_t>* scale, int64_t scale_stride) {
+  for (int64_t row = blockIdx.x; row < num_rows; row += gridDim.x) {
+    const acc_type<scalar_t> factor = scale[row * scale_stride];
+    if (factor == 1) continue;
+    scalar_t* r = rows + row * stride;
+    for (int64_t c = threadIdx.x; c < num_classes; c += blockDim.x) {
+      r[c] = static_cast<scalar_t>(static_cast<acc_type<scalar_t>>(r[c]) * factor);
+    }
+  }
 }
 
 // Turns the runtime choices (threads per row: 32, 256 or 512; the target mode)

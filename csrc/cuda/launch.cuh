@@ -9,42 +9,68 @@
 
 namespace fused_ce::cuda {
 
-template <typename scalar_t, int kThreads, TargetMode kMode>
-void launch_forward_as(const RowProblem<scalar_t>& p, const ForwardOutputs& out, cudaStream_t stream) {
+template <int kThreads>
+int64_t row_blocks(int64_t num_rows) {
   constexpr int kRowsPerBlock = block_size<kThreads>() / kThreads;
-  const int64_t blocks = (p.num_rows + kRowsPerBlock - 1) / kRowsPerBlock;
-  forward_kernel<scalar_t, kThreads, kMode><<<blocks, block_size<kThreads>(), 0, stream>>>(p, out);
+  return (num_rows + kRowsPerBlock - 1) / kRowsPerBlock;
+}
+
+template <typename scalar_t, int kThreads, TargetMode kMode, bool kWithGrad>
+void launch_forward_as(const RowProblem<scalar_t>& p, const ForwardOutputs<acc_type<scalar_t>>& out,
+                       const GradInForward<scalar_t>& with_grad, cudaStream_t stream) {
+  forward_kernel<scalar_t, kThreads, kMode, kWithGrad>
+      <<<row_blocks<kThreads>(p.num_rows), block_size<kThreads>(), 0, stream>>>(p, out, with_grad);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t, int kThreads, TargetMode kMode>
-void launch_backward_as(const RowProblem<scalar_t>& p, const BackwardInputs& in, scalar_t* grad,
-                        cudaStream_t stream) {
-  constexpr int kRowsPerBlock = block_size<kThreads>() / kThreads;
-  const int64_t blocks = (p.num_rows + kRowsPerBlock - 1) / kRowsPerBlock;
-  backward_kernel<scalar_t, kThreads, kMode><<<blocks, block_size<kThreads>(), 0, stream>>>(p, in, grad);
+void launch_backward_as(const RowProblem<scalar_t>& p, const BackwardInputs<acc_type<scalar_t>>& in, scalar_t* grad,
+                        int64_t grad_stride, cudaStream_t stream) {
+  backward_kernel<scalar_t, kThreads, kMode>
+      <<<row_blocks<kThreads>(p.num_rows), block_size<kThreads>(), 0, stream>>>(p, in, grad, grad_stride);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t>
-void launch_forward(const RowProblem<scalar_t>& p, const ForwardOutputs& out, cudaStream_t stream) {
+void launch_forward(const RowProblem<scalar_t>& p, const ForwardOutputs<acc_type<scalar_t>>& out,
+                    const GradInForward<scalar_t>& with_grad, cudaStream_t stream) {
   if (p.num_rows == 0) return;
   dispatch_row_kernel(p, threads_per_row(p.num_classes), [&](auto threads, auto mode) {
-    launch_forward_as<scalar_t, decltype(threads)::value, decltype(mode)::value>(p, out, stream);
+    constexpr int kThreads = decltype(threads)::value;
+    constexpr TargetMode kMode = decltype(mode)::value;
+    if (with_grad.grad != nullptr) {
+      launch_forward_as<scalar_t, kThreads, kMode, true>(p, out, with_grad, stream);
+    } else {
+      launch_forward_as<scalar_t, kThreads, kMode, false>(p, out, with_grad, stream);
+    }
   });
 }
 
 template <typename scalar_t>
-void launch_backward(const RowProblem<scalar_t>& p, const BackwardInputs& in, scalar_t* grad, cudaStream_t stream) {
+void launch_backward(const RowProblem<scalar_t>& p, const BackwardInputs<acc_type<scalar_t>>& in, scalar_t* grad,
+                     int64_t grad_stride, cudaStream_t stream) {
   if (p.num_rows == 0) return;
   dispatch_row_kernel(p, threads_per_row(p.num_classes), [&](auto threads, auto mode) {
-    launch_backward_as<scalar_t, decltype(threads)::value, decltype(mode)::value>(p, in, grad, stream);
+    launch_backward_as<scalar_t, decltype(threads)::value, decltype(mode)::value>(p, in, grad, grad_stride, stream);
   });
 }
 
-#define FUSED_CE_INSTANTIATE_CUDA_KERNELS(scalar_t)                                                       \
-  template void launch_forward<scalar_t>(const RowProblem<scalar_t>&, const ForwardOutputs&, cudaStream_t); \
-  template void launch_backward<scalar_t>(const RowProblem<scalar_t>&, const BackwardInputs&, scalar_t*,    \
-                                          cudaStream_t);
+template <typename scalar_t>
+void launch_scale_rows(scalar_t* rows, int64_t num_rows, int64_t num_classes, int64_t stride,
+                       const acc_type<scalar_t>* scale, int64_t scale_stride, cudaStream_t stream) {
+  if (num_rows == 0 || num_classes == 0) return;
+  // A grid-stride loop over rows: with scale 1 each block reads a few scalars and exits.
+  const int64_t blocks = num_rows < 4096 ? num_rows : 4096;
+  scale_rows_kernel<<<blocks, 256, 0, stream>>>(rows, num_rows, num_classes, stride, scale, scale_stride);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+#define FUSED_CE_INSTANTIATE_CUDA_KERNELS(scalar_t)                                                                   \
+  template void launch_forward<scalar_t>(const RowProblem<scalar_t>&, const ForwardOutputs<acc_type<scalar_t>>&,      \
+                                         const GradInForward<scalar_t>&, cudaStream_t);                               \
+  template void launch_backward<scalar_t>(const RowProblem<scalar_t>&, const BackwardInputs<acc_type<scalar_t>>&,     \
+                                          scalar_t*, int64_t, cudaStream_t);                                          \
+  template void launch_scale_rows<scalar_t>(scalar_t*, int64_t, int64_t, int64_t, const acc_type<scalar_t>*, int64_t, \
+                                            cudaStream_t);
 
 }  // namespace fused_ce::cuda

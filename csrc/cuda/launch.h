@@ -37,24 +37,44 @@ struct RowProblem {
   acc_t inv_cap;
 };
 
+// Per-row tensors are in the accumulation dtype acc_t.
+template <typename acc_t>
 struct ForwardOutputs {
-  float* loss;  // [num_rows]
-  float* lse;
-  float* mass;
+  acc_t* loss;  // [num_rows]: the loss, or with a gradient in the forward pass the objective
+  acc_t* lse;
+  acc_t* mass;  // may be nullptr
 };
 
+// The gradient written by the forward pass (see objective() in common/ce_math.h).
+template <typename scalar_t>
+struct GradInForward {
+  const acc_type<scalar_t>* row_scale = nullptr;  // [num_rows]
+  const acc_type<scalar_t>* z_scale = nullptr;    // [num_rows], or nullptr (no z-loss)
+  scalar_t* grad = nullptr;                       // [num_rows, num_classes], unit class stride; may be the logits
+  int64_t grad_stride = 0;
+};
+
+template <typename acc_t>
 struct BackwardInputs {
-  const float* lse;  // [num_rows]
-  const float* p_coef;
-  const float* t_coef;
+  const acc_t* lse;  // [num_rows]
+  const acc_t* p_coef;
+  const acc_t* t_coef;
+  const acc_t* keep_where_one = nullptr;  // rows i with keep_where_one[i * keep_stride] == 1 are not written
+  int64_t keep_stride = 0;
 };
 
+// with_grad.grad == nullptr: statistics only.
 template <typename scalar_t>
-void launch_forward(const RowProblem<scalar_t>& problem, const ForwardOutputs& out, cudaStream_t stream);
+void launch_forward(const RowProblem<scalar_t>& problem, const ForwardOutputs<acc_type<scalar_t>>& out,
+                    const GradInForward<scalar_t>& with_grad, cudaStream_t stream);
 
-// grad: [num_rows, num_classes], contiguous.
+// grad: [num_rows, num_classes] with row stride grad_stride.
 template <typename scalar_t>
-void launch_backward(const RowProblem<scalar_t>& problem, const BackwardInputs& in, scalar_t* grad,
-                     cudaStream_t stream);
+void launch_backward(const RowProblem<scalar_t>& problem, const BackwardInputs<acc_type<scalar_t>>& in, scalar_t* grad,
+                     int64_t grad_stride, cudaStream_t stream);
+
+template <typename scalar_t>
+void launch_scale_rows(scalar_t* rows, int64_t num_rows, int64_t num_classes, int64_t stride,
+                       const acc_type<scalar_t>* scale, int64_t scale_stride, cudaStream_t stream);
 
 }  // namespace fused_ce::cuda

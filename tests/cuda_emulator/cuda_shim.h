@@ -41,7 +41,7 @@ struct Block {
 };
 
 inline thread_local Dim3 thread_idx, block_idx;
-inline Dim3 block_dim;
+inline Dim3 block_dim, grid_dim;
 inline Block* current_block = nullptr;
 
 template <typename T>
@@ -64,6 +64,7 @@ T shfl_xor(T value, int offset) {
 template <typename Kernel, typename... Args>
 void launch(int64_t grid, unsigned threads, Kernel kernel, const Args&... args) {
   block_dim = {threads, 1, 1};
+  grid_dim = {static_cast<unsigned>(grid), 1, 1};
   for (int64_t b = 0; b < grid; ++b) {
     Block block(threads);
     current_block = &block;
@@ -89,6 +90,7 @@ void launch(int64_t grid, unsigned threads, Kernel kernel, const Args&... args) 
 #define threadIdx emu::thread_idx
 #define blockIdx emu::block_idx
 #define blockDim emu::block_dim
+#define gridDim emu::grid_dim
 
 inline void __syncthreads() { emu::current_block->barrier.arrive_and_wait(); }
 
