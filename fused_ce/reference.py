@@ -1,0 +1,102 @@
+"""A float64 reference of fused_ce's loss, written from the formulas (for the tests).
+
+It does not call ``F.cross_entropy``: it spells out the one formula every option of
+``F.cross_entropy`` reduces to, so the tests can check both fused_ce and PyTorch
+against it. For each row of logits ``x`` (the class dimension of ``input``) with
+``C`` classes:
+
+    z_c    = x_c                               (softcap=None)
+    z_c    = s * tanh(x_c / s)                  (softcap=s > 0, Gemma-2 style)
+    lse    = log sum_c exp(z_c)
+    q      = onehot(y)                          class-index target y
+           = the target row                     class-probability target
+    T_c    = w_c * ((1 - ls) * q_c + ls / C)    w = weight (ones without it), ls = label_smoothing
+           = 0 for every c                      when y == ignore_index
+    loss   = sum_c T_c * (lse - z_c)            (= -sum_c T_c log_softmax(z)_c)
+
+Reductions: ``'none'`` gives the per-row losses in the batch shape, ``'sum'`` their
+sum, and ``'mean'`` their sum divided by
+
+    sum_i w_{y_i} over the rows whose target is not ignore_index    (class indices)
+    the number of rows                                              (probabilities)
+
+(with label smoothing PyTorch uses the same denominator for the smoothing term).
+A zero denominator (every target ignored, or only zero-weight ones) makes ``'mean'``
+NaN, as in PyTorch, where the one-hot part is 0 / 0; when every target is ignored
+its gradient is zero, as PyTorch's is.
+
+Everything is computed in float64 with plain PyTorch ops, so it is differentiable:
+``torch.autograd.grad`` of its output gives the float64 reference gradients with
+respect to ``input`` and to probability targets.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def cross_entropy_reference(
+    input: Tensor,  # noqa: A002 - F.cross_entropy's name
+    target: Tensor,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    softcap: float | None = None,
+) -> Tensor:
+    """``F.cross_entropy`` in float64 from the formulas in this module's docstring.
+
+    Accepts every layout ``F.cross_entropy`` does: input ``(C)``, ``(N, C)`` or
+    ``(N, C, d1, ..., dk)``; targets of class indices (any integer dtype) in the
+    batch shape, or class probabilities in the input's shape. ``softcap`` (not an
+    ``F.cross_entropy`` option) applies ``z = softcap * tanh(x / softcap)`` first.
+    Returns a float64 tensor: the batch shape for ``'none'``, else a scalar.
+    """
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    x = input.to(torch.float64)
+    class_dim = 0 if x.dim() == 1 else 1
+    num_classes = x.shape[class_dim]
+    z = x.movedim(class_dim, -1)  # (..., C): the batch shape, then classes
+    if softcap is not None and softcap > 0:
+        z = softcap * torch.tanh(z / softcap)
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+
+    w = torch.ones(num_classes, dtype=torch.float64, device=x.device)
+    if weight is not None:
+        w = weight.to(device=x.device, dtype=torch.float64)
+
+    if target.is_floating_point():
+        q = target.to(torch.float64).movedim(class_dim, -1)
+        valid = torch.ones(z.shape[:-1], dtype=torch.bool, device=x.device)
+    else:
+        y = target.to(torch.int64)
+        valid = y != ignore_index
+        safe_y = torch.where(valid, y, torch.zeros_like(y))
+        if bool(((safe_y < 0) | (safe_y >= num_classes)).any()):
+            raise IndexError(f"target holds a class index outside [0, {num_classes})")
+        q = torch.nn.functional.one_hot(safe_y, num_classes).to(torch.float64)
+
+    t = w * ((1.0 - label_smoothing) * q + label_smoothing / num_classes)
+    t = t * valid.unsqueeze(-1).to(torch.float64)
+    # T_c * (lse - z_c) with 0 where T_c is 0 (as xlogy: 0 * log 0 = 0), so logits
+    # masked to -inf outside the target add nothing instead of NaN.
+    terms = torch.where(t != 0, t * (lse - z), torch.zeros_like(z))
+    loss = terms.sum(dim=-1)
+
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    if target.is_floating_point():
+        return total / loss.numel()
+    denominator = (w[safe_y] * valid.to(torch.float64)).sum()
+    if bool(denominator == 0):
+        # NaN whatever the smoothing term's numerator, with a zero gradient, as PyTorch.
+        return total * 0.0 + float("nan")
+    return total / denominator
+
+
+__all__ = ["cross_entropy_reference"]

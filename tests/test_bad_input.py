@@ -1,0 +1,333 @@
+"""Bad arguments raise a Python exception of the right type whose message names the argument.
+
+A user who passes a wrong target or option must learn which argument is wrong and
+why, never get a crash, a silent wrong number, or an internal error. The raw ops
+check their own arguments too, since opcheck and torch.compile call them directly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fused_ce
+
+forward_op = torch.ops.fused_ce.cross_entropy_forward.default
+backward_op = torch.ops.fused_ce.cross_entropy_backward.default
+
+
+def _logits(*shape, device="cpu", dtype=torch.float32):
+    return torch.randn(shape, device=device, dtype=dtype)
+
+
+# -- class-index targets out of range -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape, bad_value, kwargs",
+    [
+        ((4, 5), 5, {}),  # == C
+        ((4, 5), 1000, {}),
+        ((4, 5), -1, {}),  # negative but not ignore_index
+        ((4, 5), -100, dict(ignore_index=3)),  # the default ignore_index is not special once another is set
+        ((2, 5, 3), 7, {}),
+        ((5,), 5, {}),  # unbatched input, 0-d target
+        ((4, 1), 1, dict(label_smoothing=0.1)),
+    ],
+    ids=["C", "large", "negative", "default_ignore_index_not_ignored", "k_dim", "unbatched", "one_class"],
+)
+@pytest.mark.parametrize("target_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("validation", [False, True], ids=["validation_off", "validation_on"])
+def test_out_of_range_target_raises_index_error_on_cpu(shape, bad_value, kwargs, target_dtype, validation):
+    # On the CPU the check is free and always on, whatever set_target_validation says.
+    fused_ce.set_target_validation(validation)
+    x = _logits(*shape)
+    batch = shape[:1] + shape[2:] if len(shape) > 1 else ()
+    target = torch.zeros(batch, dtype=torch.int64)
+    target.view(-1)[-1] = bad_value
+    with pytest.raises(IndexError, match=rf"target.*{bad_value}.*out of range"):
+        fused_ce.cross_entropy(x, target.to(target_dtype), **kwargs)
+
+
+def test_ignore_index_outside_the_class_range_is_accepted():
+    # The counterpart: -100 (or any ignore_index) is not an out-of-range class.
+    x = _logits(3, 4)
+    loss = fused_ce.cross_entropy(x, torch.tensor([1, 17, 2]), ignore_index=17, reduction="none")
+    assert loss[1].item() == 0 and bool((loss[[0, 2]] > 0).all())
+
+
+# -- shapes ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "input_shape, target_shape",
+    [
+        ((4, 5), (3,)),
+        ((4, 5), (5,)),
+        ((4, 5), (4, 1)),
+        ((4, 5), ()),
+        ((2, 5, 3), (2,)),
+        ((2, 5, 3), (2, 5)),
+        ((2, 5, 3, 4), (2, 4, 3)),
+        ((5,), (1,)),
+    ],
+    ids=str,
+)
+def test_index_target_of_wrong_shape(device, input_shape, target_shape):
+    x = _logits(*input_shape, device=device)
+    target = torch.zeros(target_shape, dtype=torch.int64, device=device)
+    with pytest.raises(ValueError, match=r"target.*shape"):
+        fused_ce.cross_entropy(x, target)
+
+
+@pytest.mark.parametrize(
+    "input_shape, target_shape",
+    [((4, 5), (4, 6)), ((4, 5), (5, 4)), ((4, 5), (4,)), ((2, 5, 3), (2, 3, 5)), ((5,), (4,))],
+    ids=str,
+)
+def test_probability_target_of_wrong_shape(device, input_shape, target_shape):
+    # A floating target is read as class probabilities, which must match the input.
+    x = _logits(*input_shape, device=device)
+    target = torch.rand(target_shape, device=device)
+    with pytest.raises(ValueError, match=r"target.*probabilities.*shape"):
+        fused_ce.cross_entropy(x, target)
+
+
+def test_scalar_input(device):
+    with pytest.raises(ValueError, match=r"input.*class dimension"):
+        fused_ce.cross_entropy(torch.tensor(1.5, device=device), torch.tensor(0, device=device))
+
+
+@pytest.mark.parametrize("shape", [(4, 0), (0,), (2, 0, 3), (0, 0)], ids=str)
+def test_empty_class_dimension(device, shape):
+    x = torch.randn(shape, device=device)
+    batch = shape[:1] + shape[2:] if len(shape) > 1 else ()
+    with pytest.raises(ValueError, match=r"input.*empty class dimension"):
+        fused_ce.cross_entropy(x, torch.zeros(batch, dtype=torch.int64, device=device))
+
+
+# -- dtypes and argument types --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool, torch.complex64], ids=str)
+def test_logits_that_are_not_floating_point(device, dtype):
+    x = torch.randint(0, 2, (4, 5), device=device).to(dtype)
+    with pytest.raises(TypeError, match=r"input.*floating point"):
+        fused_ce.cross_entropy(x, torch.zeros(4, dtype=torch.int64, device=device))
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.complex64], ids=str)
+def test_target_of_unsupported_dtype(device, dtype):
+    # bool is not a class index (True would silently mean class 1).
+    target = torch.zeros(4, device=device).to(dtype)
+    with pytest.raises(TypeError, match=r"target.*class indices.*integer dtype"):
+        fused_ce.cross_entropy(_logits(4, 5, device=device), target)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_floating_target_shaped_like_class_indices(device, dtype):
+    # Class indices stored as floats are not silently truncated: a floating target
+    # must be a probability tensor of the input's shape.
+    target = torch.tensor([0.0, 2.0, 1.0, 4.0], device=device, dtype=dtype)
+    with pytest.raises(ValueError, match=r"target.*class probabilities.*shape"):
+        fused_ce.cross_entropy(_logits(4, 5, device=device), target)
+
+
+@pytest.mark.parametrize("which", ["input", "target"])
+def test_arguments_that_are_not_tensors(which):
+    args = {"input": _logits(2, 3), "target": torch.tensor([0, 1])}
+    args[which] = args[which].tolist()
+    with pytest.raises(TypeError, match=rf"{which} must be a Tensor"):
+        fused_ce.cross_entropy(args["input"], args["target"])
+
+
+@pytest.mark.parametrize("ignore_index", [1.0, "1", True, None], ids=repr)
+def test_ignore_index_that_is_not_an_int(ignore_index):
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        fused_ce.cross_entropy(_logits(2, 3), torch.tensor([0, 1]), ignore_index=ignore_index)
+
+
+# -- options --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("label_smoothing", [-0.1, 1.0000001, 2.0, math.nan, math.inf, -math.inf], ids=repr)
+@pytest.mark.parametrize("target_kind", ["index", "probs"])
+def test_label_smoothing_outside_unit_interval(device, label_smoothing, target_kind):
+    x = _logits(3, 4, device=device)
+    target = torch.tensor([0, 1, 2], device=device) if target_kind == "index" else torch.rand(3, 4, device=device)
+    with pytest.raises(ValueError, match=r"label_smoothing.*\[0, 1\]"):
+        fused_ce.cross_entropy(x, target, label_smoothing=label_smoothing)
+
+
+@pytest.mark.parametrize("reduction", ["avg", "MEAN", "", None, "elementwise_mean"], ids=repr)
+def test_unknown_reduction(device, reduction):
+    with pytest.raises(ValueError, match=r"reduction must be one of"):
+        fused_ce.cross_entropy(
+            _logits(3, 4, device=device), torch.tensor([0, 1, 2], device=device), reduction=reduction
+        )
+
+
+def test_unknown_reduction_in_module():
+    loss = fused_ce.CrossEntropyLoss(reduction="batchmean")
+    with pytest.raises(ValueError, match=r"reduction must be one of"):
+        loss(_logits(3, 4), torch.tensor([0, 1, 2]))
+
+
+@pytest.mark.parametrize("weight_shape", [(4,), (6,), (1, 5), (5, 1), ()], ids=str)
+def test_weight_of_wrong_shape(device, weight_shape):
+    weight = torch.rand(weight_shape, device=device)
+    with pytest.raises(ValueError, match=r"weight must have shape \(5,\)"):
+        fused_ce.cross_entropy(_logits(3, 5, device=device), torch.tensor([0, 1, 2], device=device), weight=weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool], ids=str)
+def test_weight_that_is_not_floating_point(device, dtype):
+    weight = torch.ones(5, device=device, dtype=dtype)
+    with pytest.raises(TypeError, match=r"weight must be floating point"):
+        fused_ce.cross_entropy(_logits(3, 5, device=device), torch.tensor([0, 1, 2], device=device), weight=weight)
+
+
+def test_weight_that_is_not_a_tensor():
+    with pytest.raises(TypeError, match=r"weight must be a Tensor or None"):
+        fused_ce.cross_entropy(_logits(3, 5), torch.tensor([0, 1, 2]), weight=[1.0] * 5)
+
+
+@pytest.mark.parametrize("target_kind", ["index", "probs"])
+def test_weight_requiring_grad(device, target_kind):
+    # F.cross_entropy has no gradient for weight either; say so instead of dropping it.
+    weight = torch.rand(5, device=device).requires_grad_(True)
+    x = _logits(3, 5, device=device)
+    target = torch.tensor([0, 1, 2], device=device) if target_kind == "index" else torch.rand(3, 5, device=device)
+    with pytest.raises(NotImplementedError, match=r"weight.*gradients.*not supported"):
+        fused_ce.cross_entropy(x, target, weight=weight)
+
+
+def test_weight_requiring_grad_is_fine_without_grad_mode():
+    # Under no_grad nothing would be differentiated, so the weight is just a value.
+    weight = torch.rand(5).requires_grad_(True)
+    x, target = _logits(3, 5), torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        loss = fused_ce.cross_entropy(x, target, weight=weight)
+        expected = torch.nn.functional.cross_entropy(x, target, weight=weight.detach())
+    torch.testing.assert_close(loss, expected)
+
+
+# -- devices (CUDA) -------------------------------------------------------------------------
+
+
+def test_target_on_another_device(cuda_device):
+    with pytest.raises(ValueError, match=r"input and target must be on the same device"):
+        fused_ce.cross_entropy(_logits(3, 4, device=cuda_device), torch.tensor([0, 1, 2]))
+
+
+def test_weight_on_another_device(cuda_device):
+    x = _logits(3, 4, device=cuda_device)
+    target = torch.tensor([0, 1, 2], device=cuda_device)
+    with pytest.raises(ValueError, match=r"weight must be on the input's device"):
+        fused_ce.cross_entropy(x, target, weight=torch.ones(4))
+
+
+@pytest.mark.parametrize("bad_value", [5, 1 << 40, -1, -101])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_out_of_range_target_gives_nan_row_on_cuda(cuda_device, dtype, bad_value):
+    # Without validation the CUDA kernels never read out of bounds and mark the row
+    # NaN (loss and gradient) instead of syncing to raise; the other rows are exact.
+    fused_ce.set_target_validation(False)
+    x = _logits(6, 5, device=cuda_device, dtype=dtype)
+    target = torch.tensor([0, 4, bad_value, 2, -100, 1], device=cuda_device)
+    xg = x.clone().requires_grad_(True)
+    loss = fused_ce.cross_entropy(xg, target, reduction="none")
+    (grad,) = torch.autograd.grad(loss, xg, torch.ones_like(loss))
+    assert bool(loss[2].isnan()) and bool(grad[2].isnan().all())
+
+    good = torch.tensor([0, 1, 3, 4, 5], device=cuda_device)
+    xr = x[good].clone().requires_grad_(True)
+    expected = torch.nn.functional.cross_entropy(xr.float(), target[good], reduction="none")
+    (expected_grad,) = torch.autograd.grad(expected, xr, torch.ones_like(expected))
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-3)
+    torch.testing.assert_close(loss[good].float(), expected, **tol)
+    torch.testing.assert_close(grad[good].float(), expected_grad.float(), **tol)
+    assert bool(fused_ce.cross_entropy(x, target).isnan()), "the mean includes the NaN row"
+
+
+@pytest.mark.parametrize("target_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("bad_value", [5, -1])
+def test_out_of_range_target_raises_on_cuda_with_validation(cuda_device, target_dtype, bad_value):
+    fused_ce.set_target_validation(True)
+    target = torch.tensor([0, bad_value, 2], device=cuda_device, dtype=target_dtype)
+    with pytest.raises(IndexError, match=rf"target.*{bad_value}.*out of range"):
+        fused_ce.cross_entropy(_logits(3, 5, device=cuda_device), target)
+    # ... and valid targets still pass the check.
+    fused_ce.cross_entropy(_logits(3, 5, device=cuda_device), target.clamp(min=0, max=4))
+
+
+# -- the raw ops ----------------------------------------------------------------------------
+
+
+def _raw_args(device, **changes):
+    args = dict(
+        logits=_logits(4, 5, device=device),
+        target=torch.tensor([0, 1, -100, 4], device=device),
+        weight=None,
+        ignore_index=-100,
+        label_smoothing=0.0,
+        softcap=0.0,
+    )
+    args.update(changes)
+    return args
+
+
+RAW_FORWARD_CASES = {
+    "3d_logits": (dict(logits=torch.randn(2, 4, 5)), ValueError, r"logits must be 2-D"),
+    "integer_logits": (dict(logits=torch.ones(4, 5, dtype=torch.int64)), TypeError, r"logits must be floating point"),
+    "class_stride": (dict(logits=torch.randn(5, 4).t()), ValueError, r"logits must have unit stride"),
+    "no_classes": (dict(logits=torch.randn(4, 0)), ValueError, r"logits must have at least one class"),
+    "int32_target": (dict(target=torch.tensor([0, 1, 2, 3], dtype=torch.int32)), TypeError, r"target must be int64"),
+    "target_length": (dict(target=torch.tensor([0, 1, 2])), ValueError, r"target must have shape \[4\]"),
+    "probs_shape": (dict(target=torch.rand(4, 6)), ValueError, r"probability target must have the logits' shape"),
+    "probs_dtype": (
+        dict(target=torch.rand(4, 5, dtype=torch.float64)),
+        TypeError,
+        r"probability target must have the logits' dtype",
+    ),
+    "weight_dtype": (dict(weight=torch.ones(5, dtype=torch.float64)), TypeError, r"weight must be"),
+    "weight_shape": (dict(weight=torch.ones(6)), ValueError, r"weight must have shape \[5\]"),
+    "label_smoothing": (dict(label_smoothing=1.5), ValueError, r"label_smoothing must be in \[0, 1\]"),
+    "negative_softcap": (dict(softcap=-1.0), ValueError, r"softcap must be finite and >= 0"),
+    "nan_softcap": (dict(softcap=math.nan), ValueError, r"softcap must be finite and >= 0"),
+    "inf_softcap": (dict(softcap=math.inf), ValueError, r"softcap must be finite and >= 0"),
+    "target_out_of_range": (dict(target=torch.tensor([0, 5, 1, 2])), IndexError, r"target: class index 5 .*range"),
+}
+
+
+@pytest.mark.parametrize("case", list(RAW_FORWARD_CASES))
+def test_raw_forward_op_checks_its_arguments(case):
+    changes, error, message = RAW_FORWARD_CASES[case]
+    args = _raw_args("cpu", **changes)
+    with pytest.raises(error, match=message):
+        forward_op(*args.values())
+
+
+# The row vectors' dtype is the kernels' accumulation dtype (float32 for float32 logits).
+RAW_BACKWARD_CASES = {
+    "lse_dtype": ("lse", lambda t: t.double(), TypeError, r"lse must be (float32|Float)"),
+    "lse_shape": ("lse", lambda t: t[:3], ValueError, r"lse must have shape \[4\]"),
+    "p_coef_shape": ("p_coef", lambda t: t.reshape(2, 2), ValueError, r"p_coef must have shape \[4\]"),
+    "t_coef_dtype": ("t_coef", lambda t: t.half(), TypeError, r"t_coef must be (float32|Float)"),
+}
+
+
+@pytest.mark.parametrize("case", list(RAW_BACKWARD_CASES))
+def test_raw_backward_op_checks_its_arguments(case):
+    name, change, error, message = RAW_BACKWARD_CASES[case]
+    args = _raw_args("cpu")
+    _, lse, mass = forward_op(*args.values())
+    row_args = dict(lse=lse, p_coef=mass.clone(), t_coef=torch.ones_like(lse))
+    row_args[name] = change(row_args[name])
+    with pytest.raises(error, match=message):
+        backward_op(
+            args["logits"], args["target"], args["weight"], row_args["lse"], row_args["p_coef"], row_args["t_coef"],
+            args["ignore_index"], args["label_smoothing"], args["softcap"],
+        )
