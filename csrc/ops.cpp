@@ -26,33 +26,43 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(fused_ce, m) {
+  // Every op below reads logits [N, V] that may be a slice of a larger vocabulary:
+  // classes [vocab_start, vocab_start + V) of vocab_total (-1: V, the whole of it).
+  // Class-index targets are then global: one outside the slice adds no one-hot
+  // entry here, and label smoothing spreads over vocab_total classes. Partial
+  // statistics of the slices merge into the full row's (fused_ce/distributed.py).
+  //
   // Per-row statistics of the loss sum_c T_c (lse - z_c) (see common/ce_math.h):
   // loss (0 for ignored rows), lse, and mass = sum_c T_c.
   m.def(
       "cross_entropy_forward(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
-      "float label_smoothing, float softcap) -> (Tensor loss, Tensor lse, Tensor mass)");
+      "float label_smoothing, float softcap, int vocab_start=0, int vocab_total=-1) -> (Tensor loss, Tensor lse, "
+      "Tensor mass)");
   // grad_c = p_coef * softmax_c - t_coef * T_c, times the soft-cap slope.
   m.def(
       "cross_entropy_backward(Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
-      "Tensor p_coef, Tensor t_coef, int ignore_index, float label_smoothing, float softcap) -> Tensor");
+      "Tensor p_coef, Tensor t_coef, int ignore_index, float label_smoothing, float softcap, int vocab_start=0, int "
+      "vocab_total=-1) -> Tensor");
   // The same gradient written into `grad`, except for rows i with keep_where_one[i]
   // == 1, which keep what they hold (the fused op's backward: see fused_ce/ops.py).
   m.def(
       "cross_entropy_backward_into_(Tensor(a!) grad, Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
       "Tensor p_coef, Tensor t_coef, Tensor keep_where_one, int ignore_index, float label_smoothing, "
-      "float softcap) -> ()");
+      "float softcap, int vocab_start=0, int vocab_total=-1) -> ()");
   // The training hot path: one pass computes the per-row objective
   //   row_scale_i * loss_i + z_scale_i * lse_i^2
   // and writes its gradient (see objective() in common/ce_math.h). Backward then
   // only scales the rows by the upstream gradient (scale_rows_).
   m.def(
       "cross_entropy_fused(Tensor logits, Tensor target, Tensor? weight, Tensor row_scale, Tensor? z_scale, "
-      "int ignore_index, float label_smoothing, float softcap) -> (Tensor objective, Tensor lse, Tensor mass, Tensor "
+      "int ignore_index, float label_smoothing, float softcap, int vocab_start=0, int vocab_total=-1) -> (Tensor "
+      "objective, Tensor lse, Tensor mass, Tensor "
       "grad)");
   // The same, writing the gradient over the logits.
   m.def(
       "cross_entropy_fused_(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor row_scale, Tensor? z_scale, "
-      "int ignore_index, float label_smoothing, float softcap) -> (Tensor objective, Tensor lse, Tensor mass)");
+      "int ignore_index, float label_smoothing, float softcap, int vocab_start=0, int vocab_total=-1) -> (Tensor "
+      "objective, Tensor lse, Tensor mass)");
   // rows[i] *= scale[i]; a row whose scale is exactly 1 is not touched, which is
   // decided on the device (no host synchronisation).
   m.def("scale_rows_(Tensor(a!) rows, Tensor scale) -> ()");
@@ -77,17 +87,18 @@ void scale_rows_bump_version(c10::DispatchKeySet keys, const at::Tensor& rows, c
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_inplace_bump_version(
     c10::DispatchKeySet keys, const at::Tensor& logits, const at::Tensor& target,
     const std::optional<at::Tensor>& weight, const at::Tensor& row_scale, const std::optional<at::Tensor>& z_scale,
-    int64_t ignore_index, double label_smoothing, double softcap) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fused_ce::cross_entropy_fused_", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                                 const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                 const at::Tensor&, const std::optional<at::Tensor>&, int64_t, double, double)>();
+    int64_t ignore_index, double label_smoothing, double softcap, int64_t vocab_start, int64_t vocab_total) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fused_ce::cross_entropy_fused_", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+              const std::optional<at::Tensor>&, int64_t, double, double, int64_t, int64_t)>();
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
   {
     const c10::impl::ExcludeDispatchKeyGuard below(c10::DispatchKey::ADInplaceOrView);
     out = op.redispatch(keys & c10::after_ADInplaceOrView_keyset, logits, target, weight, row_scale, z_scale,
-                        ignore_index, label_smoothing, softcap);
+                        ignore_index, label_smoothing, softcap, vocab_start, vocab_total);
   }
   logits.unsafeGetTensorImpl()->bump_version();
   return out;

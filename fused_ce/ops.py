@@ -37,24 +37,30 @@ def cuda_kernels_available() -> bool:
 
 
 @torch.library.register_fake("fused_ce::cross_entropy_forward")
-def _forward_fake(logits, target, weight, ignore_index, label_smoothing, softcap):
+def _forward_fake(logits, target, weight, ignore_index, label_smoothing, softcap, vocab_start=0, vocab_total=-1):
     rows = logits.new_empty(logits.shape[0], dtype=accumulate_dtype(logits.dtype))
     return rows, torch.empty_like(rows), torch.empty_like(rows)
 
 
 @torch.library.register_fake("fused_ce::cross_entropy_backward")
-def _backward_fake(logits, target, weight, lse, p_coef, t_coef, ignore_index, label_smoothing, softcap):
+def _backward_fake(
+    logits, target, weight, lse, p_coef, t_coef, ignore_index, label_smoothing, softcap, vocab_start=0, vocab_total=-1
+):
     return logits.new_empty(logits.shape)
 
 
 @torch.library.register_fake("fused_ce::cross_entropy_fused")
-def _fused_fake(logits, target, weight, row_scale, z_scale, ignore_index, label_smoothing, softcap):
+def _fused_fake(
+    logits, target, weight, row_scale, z_scale, ignore_index, label_smoothing, softcap, vocab_start=0, vocab_total=-1
+):
     rows = logits.new_empty(logits.shape[0], dtype=accumulate_dtype(logits.dtype))
     return rows, torch.empty_like(rows), torch.empty_like(rows), logits.new_empty(logits.shape)
 
 
 @torch.library.register_fake("fused_ce::cross_entropy_fused_")
-def _fused_inplace_fake(logits, target, weight, row_scale, z_scale, ignore_index, label_smoothing, softcap):
+def _fused_inplace_fake(
+    logits, target, weight, row_scale, z_scale, ignore_index, label_smoothing, softcap, vocab_start=0, vocab_total=-1
+):
     rows = logits.new_empty(logits.shape[0], dtype=accumulate_dtype(logits.dtype))
     return rows, torch.empty_like(rows), torch.empty_like(rows)
 
@@ -69,61 +75,76 @@ def _softcapped(logits: Tensor, softcap: float, dtype: torch.dtype) -> Tensor:
     return softcap * torch.tanh(z / softcap) if softcap > 0 else z
 
 
-def target_distribution(logits: Tensor, target: Tensor, weight, ignore_index: int, label_smoothing: float) -> Tensor:
-    """T [N, V] (see the module docstring) as torch ops, in the accumulation dtype."""
+def target_distribution(
+    logits: Tensor, target: Tensor, weight, ignore_index: int, label_smoothing: float, vocab_start=0, vocab_total=-1
+) -> Tensor:
+    """T [N, V] (see the module docstring) as torch ops, in the accumulation dtype.
+
+    The logits may hold the classes [vocab_start, vocab_start + V) of vocab_total.
+    """
     dtype = accumulate_dtype(logits.dtype)
     num_classes = logits.shape[1]
-    smooth = label_smoothing / num_classes
+    smooth = label_smoothing / (num_classes if vocab_total < 0 else vocab_total)
     if target.is_floating_point():
         t = target.to(dtype) * (1.0 - label_smoothing) + smooth
     else:
         valid = target != ignore_index
+        local = target - vocab_start
+        here = valid & (local >= 0) & (local < num_classes)
         onehot = torch.zeros(logits.shape, dtype=dtype, device=logits.device)
-        onehot.scatter_(1, torch.where(valid, target, 0).unsqueeze(1), 1.0)
+        onehot.scatter_(1, torch.where(here, local, 0).unsqueeze(1), here.unsqueeze(1).to(dtype))
         t = (onehot * (1.0 - label_smoothing) + smooth) * valid.unsqueeze(1)
     return t * weight if weight is not None else t
 
 
-def _gradient_by_formula(logits, target, weight, ignore_index, label_smoothing, softcap, loss_coef, lse_coef_fn):
+def _gradient_by_formula(logits, target, weight, options, loss_coef, lse_coef_fn, lse=None):
     """d/d logits of sum_i loss_coef_i * loss_i + (terms in lse_i), as differentiable torch ops.
 
     lse_coef_fn(lse) gives the derivative of the lse terms with respect to lse_i, so
     that it can depend on the (differentiable) lse itself, as the z-loss does.
     """
+    ignore_index, label_smoothing, softcap, vocab_start, vocab_total = options
     dtype = accumulate_dtype(logits.dtype)
     z = _softcapped(logits, softcap, dtype)
-    lse = torch.logsumexp(z, dim=1)
-    t = target_distribution(logits, target, weight, ignore_index, label_smoothing)
+    if vocab_total < 0 or vocab_total == logits.shape[1]:
+        lse = torch.logsumexp(z, dim=1)
+    elif lse is None:
+        raise RuntimeError("double backward through a vocabulary slice needs the full rows' lse")
+    t = target_distribution(logits, target, weight, ignore_index, label_smoothing, vocab_start, vocab_total)
     p_coef = loss_coef * t.sum(1) + lse_coef_fn(lse)
-    grad = p_coef.unsqueeze(1) * torch.softmax(z, dim=1) - loss_coef.unsqueeze(1) * t
+    grad = p_coef.unsqueeze(1) * torch.exp(z - lse.unsqueeze(1)) - loss_coef.unsqueeze(1) * t
     if softcap > 0:
         grad = grad * (1 - (z / softcap).square())
     return grad.to(logits.dtype)
 
 
+def _options(args) -> tuple:
+    """(ignore_index, label_smoothing, softcap, vocab_start, vocab_total), defaults filled in."""
+    return tuple(args) + (0, -1)[len(args) - 3 :]
+
+
 def _forward_setup_context(ctx, inputs, output):
-    logits, target, weight, ignore_index, label_smoothing, softcap = inputs
+    logits, target, weight, *options = inputs
     _, lse, mass = output
     ctx.save_for_backward(logits, target, weight, lse, mass)
-    ctx.options = (ignore_index, label_smoothing, softcap)
+    ctx.options = _options(options)
+    ctx.num_inputs = len(inputs)
     ctx.mark_non_differentiable(mass)
 
 
 def _forward_backward(ctx, grad_loss: Tensor, grad_lse: Tensor, _grad_mass):
     logits, target, weight, lse, mass = ctx.saved_tensors
-    ignore_index, label_smoothing, softcap = ctx.options
+    _, label_smoothing, softcap, _, _ = ctx.options
     grad_loss = torch.zeros_like(lse) if grad_loss is None else grad_loss.to(lse.dtype)
     grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.to(lse.dtype)
     grad_logits = grad_target = None
     if ctx.needs_input_grad[0]:
         if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
-            grad_logits = _gradient_by_formula(
-                logits, target, weight, ignore_index, label_smoothing, softcap, grad_loss, lambda _lse: grad_lse
-            )
+            grad_logits = _gradient_by_formula(logits, target, weight, ctx.options, grad_loss, lambda _: grad_lse, lse)
         else:
             grad_logits = torch.ops.fused_ce.cross_entropy_backward(
                 logits, target, weight, lse, (grad_loss * mass + grad_lse).contiguous(), grad_loss.contiguous(),
-                ignore_index, label_smoothing, softcap,
+                *ctx.options,
             )
     if ctx.needs_input_grad[1] and target.is_floating_point():
         # d loss_i / d q_ic = (1 - label_smoothing) * w_c * (lse_i - z_c): rare (e.g. a
@@ -133,7 +154,7 @@ def _forward_backward(ctx, grad_loss: Tensor, grad_lse: Tensor, _grad_mass):
         if weight is not None:
             grad = grad * weight
         grad_target = grad.to(target.dtype)
-    return grad_logits, grad_target, None, None, None, None
+    return (grad_logits, grad_target) + (None,) * (ctx.num_inputs - 2)
 
 
 torch.library.register_autograd(
@@ -142,34 +163,36 @@ torch.library.register_autograd(
 
 
 @torch.library.register_fake("fused_ce::cross_entropy_backward_into_")
-def _backward_into_fake(grad, logits, target, weight, lse, p_coef, t_coef, keep_where_one, ignore_index,
-                        label_smoothing, softcap):
+def _backward_into_fake(
+    grad, logits, target, weight, lse, p_coef, t_coef, keep_where_one, ignore_index, label_smoothing, softcap,
+    vocab_start=0, vocab_total=-1,
+):
     return None
 
 
 def _fused_setup_context(ctx, inputs, output):
-    logits, target, weight, row_scale, z_scale, ignore_index, label_smoothing, softcap = inputs
+    logits, target, weight, row_scale, z_scale, *options = inputs
     _objective, lse, mass, grad = output
     ctx.save_for_backward(logits, target, weight, row_scale, z_scale, lse, mass, grad)
-    ctx.options = (ignore_index, label_smoothing, softcap)
+    ctx.options = _options(options)
+    ctx.num_inputs = len(inputs)
     ctx.grad_buffer_used = False
     ctx.mark_non_differentiable(lse, mass, grad)
 
 
 def _fused_backward(ctx, grad_objective: Tensor, _grad_lse, _grad_mass, _grad_grad):
     logits, target, weight, row_scale, z_scale, lse, mass, grad = ctx.saved_tensors
-    ignore_index, label_smoothing, softcap = ctx.options
+    no_grads = (None,) * (ctx.num_inputs - 1)
     g = grad_objective.to(lse.dtype)
     if torch.is_grad_enabled():  # create_graph=True
         z_coef = None if z_scale is None else 2 * g * z_scale
         grad = _gradient_by_formula(
-            logits, target, weight, ignore_index, label_smoothing, softcap, g * row_scale,
-            lambda lse_: 0 if z_coef is None else z_coef * lse_,
+            logits, target, weight, ctx.options, g * row_scale, lambda lse_: 0 if z_coef is None else z_coef * lse_, lse
         )
-        return grad, None, None, None, None, None, None, None
+        return (grad,) + no_grads
     t_coef = (g * row_scale).contiguous()
     p_coef = (t_coef * mass + (0 if z_scale is None else 2 * g * z_scale * lse)).contiguous()
-    options = (ignore_index, label_smoothing, softcap)
+    options = ctx.options
     if ctx.grad_buffer_used:
         # A second backward through the same graph (retain_graph, gradcheck): the
         # buffer was handed on, so compute afresh from the logits.
@@ -182,7 +205,7 @@ def _fused_backward(ctx, grad_objective: Tensor, _grad_lse, _grad_mass, _grad_gr
         # result is rounded once, as in the two-pass path.
         ctx.grad_buffer_used = True
         torch.ops.fused_ce.cross_entropy_backward_into_(grad, logits, target, weight, lse, p_coef, t_coef, g, *options)
-    return grad, None, None, None, None, None, None, None
+    return (grad,) + no_grads
 
 
 torch.library.register_autograd("fused_ce::cross_entropy_fused", _fused_backward, setup_context=_fused_setup_context)

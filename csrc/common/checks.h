@@ -88,8 +88,25 @@ inline void check_scale_rows_args(const at::Tensor& rows, const at::Tensor& scal
   TORCH_CHECK_VALUE(scale.device() == rows.device(), "scale must be on the rows' device");
 }
 
-inline TargetSpec target_spec(double label_smoothing, int64_t num_classes) {
-  return {1.0 - label_smoothing, label_smoothing / static_cast<double>(num_classes)};
+// The slice of the vocabulary the logits hold (see ops.cpp): classes
+// [start, start + V) of total. vocab_total = -1 means the whole vocabulary.
+struct VocabSlice {
+  int64_t start;
+  int64_t total;
+};
+
+inline VocabSlice vocab_slice(const at::Tensor& logits, int64_t vocab_start, int64_t vocab_total) {
+  const int64_t V = logits.size(1);
+  const int64_t total = vocab_total < 0 ? V : vocab_total;
+  TORCH_CHECK_VALUE(vocab_total >= -1, "vocab_total must be -1 (the logits hold every class) or >= V, got ",
+                    vocab_total);
+  TORCH_CHECK_VALUE(vocab_start >= 0 && vocab_start + V <= total, "vocab_start (", vocab_start, ") + V (", V,
+                    ") must lie within vocab_total (", total, ")");
+  return {vocab_start, total};
+}
+
+inline TargetSpec target_spec(double label_smoothing, const VocabSlice& slice) {
+  return {1.0 - label_smoothing, label_smoothing / static_cast<double>(slice.total)};
 }
 
 }  // namespace fused_ce

@@ -44,15 +44,31 @@ Isa kernel_isa() {
 #define FUSED_CE_CPU_CALL(fn, ...) DEFAULT::fn(__VA_ARGS__)
 #endif
 
+// On the CPU an out-of-range class index raises (the CUDA kernels write NaN instead).
+void check_target_range(const at::Tensor& target, int64_t num_classes, int64_t ignore_index) {
+  if (target.is_floating_point()) return;
+  const int64_t* y = target.const_data_ptr<int64_t>();
+  const int64_t stride = target.stride(0);
+  for (int64_t i = 0; i < target.size(0); ++i) {
+    const int64_t v = y[i * stride];
+    TORCH_CHECK_INDEX(v == ignore_index || (v >= 0 && v < num_classes), "target: class index ", v, " at position ", i,
+                      " is out of range [0, ", num_classes, ") and is not ignore_index (", ignore_index, ")");
+  }
+}
+
 KernelArgs make_args(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                     int64_t ignore_index, double label_smoothing, double softcap) {
+                     int64_t ignore_index, double label_smoothing, double softcap, int64_t vocab_start,
+                     int64_t vocab_total) {
   check_forward_args(logits, target, weight, label_smoothing, softcap);
+  const VocabSlice vocab = vocab_slice(logits, vocab_start, vocab_total);
+  check_target_range(target, vocab.total, ignore_index);
   return {logits,
-          target,
+          target.is_floating_point() ? target : target.contiguous(),
           weight.has_value() ? weight->contiguous() : at::Tensor(),
           ignore_index,
-          target_spec(label_smoothing, logits.size(1)),
-          softcap};
+          target_spec(label_smoothing, vocab),
+          softcap,
+          vocab};
 }
 
 // The gradient is the one N x V buffer the ops allocate. Faulting in a fresh
@@ -75,25 +91,12 @@ at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) 
   return at::empty(sizes, options);
 }
 
-// On the CPU an out-of-range class index raises (the CUDA kernels write NaN instead).
-void check_target_range(const at::Tensor& target, int64_t num_classes, int64_t ignore_index) {
-  if (target.is_floating_point()) return;
-  const int64_t* y = target.const_data_ptr<int64_t>();
-  const int64_t stride = target.stride(0);
-  for (int64_t i = 0; i < target.size(0); ++i) {
-    const int64_t v = y[i * stride];
-    TORCH_CHECK_INDEX(v == ignore_index || (v >= 0 && v < num_classes), "target: class index ", v, " at position ", i,
-                      " is out of range [0, ", num_classes, ") and is not ignore_index (", ignore_index, ")");
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits, const at::Tensor& target,
                                                            const std::optional<at::Tensor>& weight,
-                                                           int64_t ignore_index, double label_smoothing,
-                                                           double softcap) {
-  KernelArgs args = make_args(logits, target, weight, ignore_index, label_smoothing, softcap);
-  check_target_range(target, logits.size(1), ignore_index);
-  if (!target.is_floating_point()) args.target = target.contiguous();
+                                                           int64_t ignore_index, double label_smoothing, double softcap,
+                                                           int64_t vocab_start, int64_t vocab_total) {
+  const KernelArgs args =
+      make_args(logits, target, weight, ignore_index, label_smoothing, softcap, vocab_start, vocab_total);
   const auto opts = logits.options().dtype(accumulate_type(logits.scalar_type()));
   at::Tensor loss = at::empty({logits.size(0)}, opts);
   at::Tensor lse = at::empty({logits.size(0)}, opts);
@@ -108,11 +111,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_into(const at::Tensor& logi
                                                           const at::Tensor& row_scale,
                                                           const std::optional<at::Tensor>& z_scale,
                                                           int64_t ignore_index, double label_smoothing, double softcap,
-                                                          at::Tensor grad) {
-  KernelArgs args = make_args(logits, target, weight, ignore_index, label_smoothing, softcap);
+                                                          int64_t vocab_start, int64_t vocab_total, at::Tensor grad) {
+  const KernelArgs args =
+      make_args(logits, target, weight, ignore_index, label_smoothing, softcap, vocab_start, vocab_total);
   check_fused_args(logits, row_scale, z_scale);
-  check_target_range(target, logits.size(1), ignore_index);
-  if (!target.is_floating_point()) args.target = target.contiguous();
   const auto opts = logits.options().dtype(accumulate_type(logits.scalar_type()));
   at::Tensor objective = at::empty({logits.size(0)}, opts);
   at::Tensor lse = at::empty({logits.size(0)}, opts);
@@ -123,25 +125,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_into(const at::Tensor& logi
   return {objective, lse, mass};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cpu(const at::Tensor& logits, const at::Tensor& target,
-                                                                     const std::optional<at::Tensor>& weight,
-                                                                     const at::Tensor& row_scale,
-                                                                     const std::optional<at::Tensor>& z_scale,
-                                                                     int64_t ignore_index, double label_smoothing,
-                                                                     double softcap) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cpu(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    const at::Tensor& row_scale, const std::optional<at::Tensor>& z_scale, int64_t ignore_index, double label_smoothing,
+    double softcap, int64_t vocab_start, int64_t vocab_total) {
   at::Tensor grad = empty_large(logits.sizes(), logits.options());
-  auto [objective, lse, mass] =
-      fused_into(logits, target, weight, row_scale, z_scale, ignore_index, label_smoothing, softcap, grad);
+  auto [objective, lse, mass] = fused_into(logits, target, weight, row_scale, z_scale, ignore_index, label_smoothing,
+                                           softcap, vocab_start, vocab_total, grad);
   return {objective, lse, mass, grad};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_inplace_cpu(const at::Tensor& logits, const at::Tensor& target,
-                                                                 const std::optional<at::Tensor>& weight,
-                                                                 const at::Tensor& row_scale,
-                                                                 const std::optional<at::Tensor>& z_scale,
-                                                                 int64_t ignore_index, double label_smoothing,
-                                                                 double softcap) {
-  return fused_into(logits, target, weight, row_scale, z_scale, ignore_index, label_smoothing, softcap, logits);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_inplace_cpu(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    const at::Tensor& row_scale, const std::optional<at::Tensor>& z_scale, int64_t ignore_index, double label_smoothing,
+    double softcap, int64_t vocab_start, int64_t vocab_total) {
+  return fused_into(logits, target, weight, row_scale, z_scale, ignore_index, label_smoothing, softcap, vocab_start,
+                    vocab_total, logits);
 }
 
 void scale_rows_cpu(const at::Tensor& rows, const at::Tensor& scale) {
@@ -152,10 +151,9 @@ void scale_rows_cpu(const at::Tensor& rows, const at::Tensor& scale) {
 
 at::Tensor backward_cpu(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                         const at::Tensor& lse, const at::Tensor& p_coef, const at::Tensor& t_coef, int64_t ignore_index,
-                        double label_smoothing, double softcap) {
-  KernelArgs args = make_args(logits, target, weight, ignore_index, label_smoothing, softcap);
-  check_target_range(target, logits.size(1), ignore_index);
-  if (!target.is_floating_point()) args.target = target.contiguous();
+                        double label_smoothing, double softcap, int64_t vocab_start, int64_t vocab_total) {
+  const KernelArgs args =
+      make_args(logits, target, weight, ignore_index, label_smoothing, softcap, vocab_start, vocab_total);
   check_row_vector(lse, "lse", logits);
   check_row_vector(p_coef, "p_coef", logits);
   check_row_vector(t_coef, "t_coef", logits);
@@ -167,10 +165,9 @@ at::Tensor backward_cpu(const at::Tensor& logits, const at::Tensor& target, cons
 void backward_into_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
                        const std::optional<at::Tensor>& weight, const at::Tensor& lse, const at::Tensor& p_coef,
                        const at::Tensor& t_coef, const at::Tensor& keep_where_one, int64_t ignore_index,
-                       double label_smoothing, double softcap) {
-  KernelArgs args = make_args(logits, target, weight, ignore_index, label_smoothing, softcap);
-  check_target_range(target, logits.size(1), ignore_index);
-  if (!target.is_floating_point()) args.target = target.contiguous();
+                       double label_smoothing, double softcap, int64_t vocab_start, int64_t vocab_total) {
+  const KernelArgs args =
+      make_args(logits, target, weight, ignore_index, label_smoothing, softcap, vocab_start, vocab_total);
   check_row_vector(lse, "lse", logits);
   check_row_vector(p_coef, "p_coef", logits);
   check_row_vector(t_coef, "t_coef", logits);

@@ -102,6 +102,7 @@ struct Problem {
   int64_t target_stride = 0;
   const acc_t* weight = nullptr;
   int64_t ignore_index;
+  int64_t vocab_start;  // class-index targets are global: this slice holds [vocab_start, vocab_start + V)
   acc_t on_target, smoothing;
   acc_t cap, inv_cap;
 
@@ -110,6 +111,7 @@ struct Problem {
         logits_stride(a.logits.stride(0)),
         num_classes(a.logits.size(1)),
         ignore_index(a.ignore_index),
+        vocab_start(a.vocab.start),
         on_target(a.spec.on_target),
         smoothing(a.spec.smoothing),
         cap(a.softcap > 0 ? acc_t(a.softcap) : acc_t(0)),
@@ -125,7 +127,7 @@ struct Problem {
 
   // Per-row view of the target.
   struct Row {
-    int64_t index;  // class-index target, or -1
+    int64_t index;  // class-index target within this slice, or -1 (none, ignored, or in another slice)
     bool ignored;   // loss and T are 0
     bool spread;    // T has a part beyond the one-hot entry
     const scalar_t* probs;
@@ -135,7 +137,9 @@ struct Problem {
     if (target_probs) return {-1, false, true, target_probs + i * target_stride};
     const int64_t y = target_index[i];
     const bool ignored = y == ignore_index;
-    return {ignored ? -1 : y, ignored, !ignored && smoothing != acc_t(0), nullptr};
+    const int64_t local = y - vocab_start;
+    const bool here = !ignored && local >= 0 && local < num_classes;
+    return {here ? local : -1, ignored, !ignored && smoothing != acc_t(0), nullptr};
   }
 
   acc_t logit(const scalar_t* x, int64_t c) const {

@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 
 #include "common/ce_math.h"
+#include "common/checks.h"
 
 namespace fused_ce::cpu {
 
@@ -16,7 +17,8 @@ struct KernelArgs {
   at::Tensor weight;  // [V] in the accumulation dtype (accumulate_type), or undefined
   int64_t ignore_index;
   TargetSpec spec;
-  double softcap;  // <= 0: off
+  double softcap;    // <= 0: off
+  VocabSlice vocab;  // the classes the logits hold; class-index targets are global
 };
 
 // The gradient written by the forward pass itself (see objective() in

@@ -20,7 +20,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& logits, const at::Tensor& target,
                                                             const std::optional<at::Tensor>& weight,
                                                             int64_t ignore_index, double label_smoothing,
-                                                            double softcap) {
+                                                            double softcap, int64_t vocab_start, int64_t vocab_total) {
   check_forward_args(logits, target, weight, label_smoothing, softcap);
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor target_rows = target.is_floating_point() ? target : target.contiguous();
@@ -32,7 +32,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& lo
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "fused_ce_forward_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
-    launch_forward(make_problem<scalar_t>(logits, target_rows, w, ignore_index, label_smoothing, softcap),
+    launch_forward(make_problem<scalar_t>(logits, target_rows, w, ignore_index, label_smoothing, softcap, vocab_start,
+                                          vocab_total),
                    ForwardOutputs<acc_t>{loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), mass.data_ptr<acc_t>()},
                    GradInForward<scalar_t>{}, stream);
   });
@@ -42,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& lo
 void backward_into(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
                    const std::optional<at::Tensor>& weight, const at::Tensor& lse, const at::Tensor& p_coef,
                    const at::Tensor& t_coef, const at::Tensor* keep_where_one, int64_t ignore_index,
-                   double label_smoothing, double softcap) {
+                   double label_smoothing, double softcap, int64_t vocab_start, int64_t vocab_total) {
   check_forward_args(logits, target, weight, label_smoothing, softcap);
   check_row_vector(lse, "lse", logits);
   check_row_vector(p_coef, "p_coef", logits);
@@ -62,34 +63,35 @@ void backward_into(const at::Tensor& grad, const at::Tensor& logits, const at::T
       in.keep_where_one = keep_where_one->const_data_ptr<acc_t>();
       in.keep_stride = keep_where_one->stride(0);
     }
-    launch_backward(make_problem<scalar_t>(logits, target_rows, w, ignore_index, label_smoothing, softcap), in,
-                    grad.data_ptr<scalar_t>(), grad.stride(0), stream);
+    launch_backward(make_problem<scalar_t>(logits, target_rows, w, ignore_index, label_smoothing, softcap, vocab_start,
+                                           vocab_total),
+                    in, grad.data_ptr<scalar_t>(), grad.stride(0), stream);
   });
 }
 
 at::Tensor backward_cuda(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                          const at::Tensor& lse, const at::Tensor& p_coef, const at::Tensor& t_coef,
-                         int64_t ignore_index, double label_smoothing, double softcap) {
+                         int64_t ignore_index, double label_smoothing, double softcap, int64_t vocab_start,
+                         int64_t vocab_total) {
   at::Tensor grad = at::empty(logits.sizes(), logits.options());
-  backward_into(grad, logits, target, weight, lse, p_coef, t_coef, nullptr, ignore_index, label_smoothing, softcap);
+  backward_into(grad, logits, target, weight, lse, p_coef, t_coef, nullptr, ignore_index, label_smoothing, softcap,
+                vocab_start, vocab_total);
   return grad;
 }
 
 void backward_into_cuda(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
                         const std::optional<at::Tensor>& weight, const at::Tensor& lse, const at::Tensor& p_coef,
                         const at::Tensor& t_coef, const at::Tensor& keep_where_one, int64_t ignore_index,
-                        double label_smoothing, double softcap) {
+                        double label_smoothing, double softcap, int64_t vocab_start, int64_t vocab_total) {
   backward_into(grad, logits, target, weight, lse, p_coef, t_coef, &keep_where_one, ignore_index, label_smoothing,
-                softcap);
+                softcap, vocab_start, vocab_total);
 }
 
 // Shared by the out-of-place and in-place fused ops: grad is the buffer to write.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_into(const at::Tensor& logits, const at::Tensor& target,
-                                                          const std::optional<at::Tensor>& weight,
-                                                          const at::Tensor& row_scale,
-                                                          const std::optional<at::Tensor>& z_scale,
-                                                          int64_t ignore_index, double label_smoothing, double softcap,
-                                                          const at::Tensor& grad) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_into(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    const at::Tensor& row_scale, const std::optional<at::Tensor>& z_scale, int64_t ignore_index, double label_smoothing,
+    double softcap, int64_t vocab_start, int64_t vocab_total, const at::Tensor& grad) {
   check_forward_args(logits, target, weight, label_smoothing, softcap);
   check_fused_args(logits, row_scale, z_scale);
   const c10::cuda::CUDAGuard guard(logits.device());
@@ -109,7 +111,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_into(const at::Tensor& logi
     with_grad.z_scale = z_scale_c.defined() ? z_scale_c.const_data_ptr<acc_t>() : nullptr;
     with_grad.grad = grad.data_ptr<scalar_t>();
     with_grad.grad_stride = grad.stride(0);
-    launch_forward(make_problem<scalar_t>(logits, target_rows, w, ignore_index, label_smoothing, softcap),
+    launch_forward(make_problem<scalar_t>(logits, target_rows, w, ignore_index, label_smoothing, softcap, vocab_start,
+                                          vocab_total),
                    ForwardOutputs<acc_t>{objective.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), mass.data_ptr<acc_t>()},
                    with_grad, stream);
   });
@@ -119,20 +122,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_into(const at::Tensor& logi
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cuda(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const at::Tensor& row_scale, const std::optional<at::Tensor>& z_scale, int64_t ignore_index, double label_smoothing,
-    double softcap) {
+    double softcap, int64_t vocab_start, int64_t vocab_total) {
   at::Tensor grad = at::empty(logits.sizes(), logits.options());
-  auto [objective, lse, mass] =
-      fused_into(logits, target, weight, row_scale, z_scale, ignore_index, label_smoothing, softcap, grad);
+  auto [objective, lse, mass] = fused_into(logits, target, weight, row_scale, z_scale, ignore_index, label_smoothing,
+                                           softcap, vocab_start, vocab_total, grad);
   return {objective, lse, mass, grad};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_inplace_cuda(const at::Tensor& logits, const at::Tensor& target,
-                                                                  const std::optional<at::Tensor>& weight,
-                                                                  const at::Tensor& row_scale,
-                                                                  const std::optional<at::Tensor>& z_scale,
-                                                                  int64_t ignore_index, double label_smoothing,
-                                                                  double softcap) {
-  return fused_into(logits, target, weight, row_scale, z_scale, ignore_index, label_smoothing, softcap, logits);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_inplace_cuda(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    const at::Tensor& row_scale, const std::optional<at::Tensor>& z_scale, int64_t ignore_index, double label_smoothing,
+    double softcap, int64_t vocab_start, int64_t vocab_total) {
+  return fused_into(logits, target, weight, row_scale, z_scale, ignore_index, label_smoothing, softcap, vocab_start,
+                    vocab_total, logits);
 }
 
 void scale_rows_cuda(const at::Tensor& rows, const at::Tensor& scale) {

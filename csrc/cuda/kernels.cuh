@@ -121,7 +121,7 @@ struct RowContext {
   int64_t row;
   const scalar_t* logits;
   const scalar_t* probs;  // probability targets, or nullptr
-  int64_t index;          // class-index target; -1 when ignored or out of range
+  int64_t index;          // class-index target within this slice; -1 if ignored, out of range or elsewhere
   bool ignored;
   bool bad_target;  // class index out of range (not ignore_index): NaN results
 
@@ -138,8 +138,9 @@ struct RowContext {
     } else {
       const int64_t y = problem.target_index[r];
       ignored = y == problem.ignore_index;
-      bad_target = !ignored && (y < 0 || y >= problem.num_classes);
-      index = ignored || bad_target ? -1 : y;
+      bad_target = !ignored && (y < 0 || y >= problem.vocab_total);
+      const int64_t local = y - problem.vocab_start;
+      index = !ignored && !bad_target && local >= 0 && local < problem.num_classes ? local : -1;
     }
   }
 

@@ -31,9 +31,11 @@ struct RowProblem {
   int64_t target_stride;
   const acc_t* weight;  // [num_classes], or nullptr
   int64_t ignore_index;
-  acc_t on_target;  // 1 - label_smoothing
-  acc_t smoothing;  // label_smoothing / num_classes
-  acc_t cap;        // soft-cap, 0 = off
+  int64_t vocab_start;  // the logits hold classes [vocab_start, vocab_start + num_classes) of vocab_total;
+  int64_t vocab_total;  // class-index targets are global
+  acc_t on_target;      // 1 - label_smoothing
+  acc_t smoothing;      // label_smoothing / num_classes
+  acc_t cap;            // soft-cap, 0 = off
   acc_t inv_cap;
 };
 

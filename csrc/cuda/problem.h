@@ -12,9 +12,11 @@ namespace fused_ce::cuda {
 // target: int64 [N] (contiguous) or probabilities [N, V]; weight: contiguous or undefined.
 template <typename scalar_t>
 RowProblem<scalar_t> make_problem(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
-                                  int64_t ignore_index, double label_smoothing, double softcap) {
+                                  int64_t ignore_index, double label_smoothing, double softcap, int64_t vocab_start,
+                                  int64_t vocab_total) {
   using acc_t = acc_type<scalar_t>;
-  const TargetSpec spec = target_spec(label_smoothing, logits.size(1));
+  const VocabSlice vocab = vocab_slice(logits, vocab_start, vocab_total);
+  const TargetSpec spec = target_spec(label_smoothing, vocab);
   RowProblem<scalar_t> p{};
   p.logits = logits.const_data_ptr<scalar_t>();
   p.logits_stride = logits.stride(0);
@@ -28,6 +30,8 @@ RowProblem<scalar_t> make_problem(const at::Tensor& logits, const at::Tensor& ta
   }
   p.weight = weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr;
   p.ignore_index = ignore_index;
+  p.vocab_start = vocab.start;
+  p.vocab_total = vocab.total;
   p.on_target = static_cast<acc_t>(spec.on_target);
   p.smoothing = static_cast<acc_t>(spec.smoothing);
   p.cap = softcap > 0 ? static_cast<acc_t>(softcap) : acc_t(0);

@@ -17,7 +17,7 @@ constexpr int64_t rows_per_block() {
 
 std::vector<at::Tensor> forward(const at::Tensor& logits, const at::Tensor& target,
                                 const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing,
-                                double softcap, int64_t threads) {
+                                double softcap, int64_t vocab_start, int64_t vocab_total, int64_t threads) {
   check_forward_args(logits, target, weight, label_smoothing, softcap);
   const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
   const at::Tensor rows = target.is_floating_point() ? target : target.contiguous();
@@ -25,7 +25,8 @@ std::vector<at::Tensor> forward(const at::Tensor& logits, const at::Tensor& targ
   at::Tensor loss = at::empty({logits.size(0)}, opts), lse = at::empty_like(loss), mass = at::empty_like(loss);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "emulated_forward", [&] {
     using acc_t = acc_type<scalar_t>;
-    const auto p = make_problem<scalar_t>(logits, rows, w, ignore_index, label_smoothing, softcap);
+    const auto p =
+        make_problem<scalar_t>(logits, rows, w, ignore_index, label_smoothing, softcap, vocab_start, vocab_total);
     const ForwardOutputs<acc_t> out{loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), mass.data_ptr<acc_t>()};
     dispatch_row_kernel(p, static_cast<int>(threads), [&](auto th, auto mode) {
       using T = decltype(th);
@@ -40,7 +41,7 @@ std::vector<at::Tensor> forward(const at::Tensor& logits, const at::Tensor& targ
 // keep: rows whose keep_where_one is 1 keep grad_in's values (the fused op's backward).
 at::Tensor backward(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                     const at::Tensor& lse, const at::Tensor& p_coef, const at::Tensor& t_coef, int64_t ignore_index,
-                    double label_smoothing, double softcap, int64_t threads,
+                    double label_smoothing, double softcap, int64_t vocab_start, int64_t vocab_total, int64_t threads,
                     const std::optional<at::Tensor>& keep_where_one, const std::optional<at::Tensor>& grad_in) {
   check_forward_args(logits, target, weight, label_smoothing, softcap);
   const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
@@ -48,7 +49,8 @@ at::Tensor backward(const at::Tensor& logits, const at::Tensor& target, const st
   at::Tensor grad = grad_in.has_value() ? grad_in->clone() : at::empty(logits.sizes(), logits.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "emulated_backward", [&] {
     using acc_t = acc_type<scalar_t>;
-    const auto p = make_problem<scalar_t>(logits, rows, w, ignore_index, label_smoothing, softcap);
+    const auto p =
+        make_problem<scalar_t>(logits, rows, w, ignore_index, label_smoothing, softcap, vocab_start, vocab_total);
     BackwardInputs<acc_t> in{lse.const_data_ptr<acc_t>(), p_coef.const_data_ptr<acc_t>(),
                              t_coef.const_data_ptr<acc_t>()};
     if (keep_where_one.has_value()) {
@@ -70,7 +72,7 @@ at::Tensor backward(const at::Tensor& logits, const at::Tensor& target, const st
 std::vector<at::Tensor> fused(const at::Tensor& logits, const at::Tensor& target,
                               const std::optional<at::Tensor>& weight, const at::Tensor& row_scale,
                               const std::optional<at::Tensor>& z_scale, int64_t ignore_index, double label_smoothing,
-                              double softcap, int64_t threads, bool inplace) {
+                              double softcap, int64_t vocab_start, int64_t vocab_total, int64_t threads, bool inplace) {
   check_forward_args(logits, target, weight, label_smoothing, softcap);
   check_fused_args(logits, row_scale, z_scale);
   const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
@@ -81,7 +83,8 @@ std::vector<at::Tensor> fused(const at::Tensor& logits, const at::Tensor& target
   at::Tensor grad = inplace ? logits : at::empty(logits.sizes(), logits.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "emulated_fused", [&] {
     using acc_t = acc_type<scalar_t>;
-    const auto p = make_problem<scalar_t>(logits, rows, w, ignore_index, label_smoothing, softcap);
+    const auto p =
+        make_problem<scalar_t>(logits, rows, w, ignore_index, label_smoothing, softcap, vocab_start, vocab_total);
     const ForwardOutputs<acc_t> out{objective.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), mass.data_ptr<acc_t>()};
     GradInForward<scalar_t> with_grad;
     with_grad.row_scale = row_scale.const_data_ptr<acc_t>();
