@@ -66,6 +66,10 @@ TORCH_LIBRARY(fused_ce, m) {
   // rows[i] *= scale[i]; a row whose scale is exactly 1 is not touched, which is
   // decided on the device (no host synchronisation).
   m.def("scale_rows_(Tensor(a!) rows, Tensor scale) -> ()");
+  // Entropy of softmax(logits) per row, in one online pass (EntropyStats in
+  // common/ce_math.h), with the lse; and its backward: grad_c = g p_c (lse - z_c - H).
+  m.def("entropy_forward(Tensor logits) -> (Tensor entropy, Tensor lse)");
+  m.def("entropy_backward(Tensor logits, Tensor entropy, Tensor lse, Tensor grad_entropy) -> Tensor");
 }
 
 namespace {

@@ -16,7 +16,7 @@ except ImportError as e:  # pragma: no cover - depends on the build
     ) from e
 
 from . import ops  # noqa: F401,E402  -- fake kernels and autograd of the ops
-from .functional import cross_entropy, set_target_validation  # noqa: E402
+from .functional import cross_entropy, entropy, focal_loss, set_target_validation  # noqa: E402
 from .modules import CrossEntropyLoss  # noqa: E402
 from .ops import cuda_kernels_available  # noqa: E402
 
@@ -26,5 +26,7 @@ __all__ = [
     "CrossEntropyLoss",
     "cross_entropy",
     "cuda_kernels_available",
+    "entropy",
+    "focal_loss",
     "set_target_validation",
 ]

@@ -237,8 +237,8 @@ def cross_entropy(
             ``input`` then no longer holds the logits: its version counter is bumped, so
             autograd raises if another op's backward needs them. Not for a leaf tensor
             that requires grad, nor with ``return_lse``. Off by default. Inside
-            ``torch.compile`` the graph is functional, so the gradient gets its own
-            buffer there (same results, without the memory saving).
+            ``torch.compile`` the graph is functional and the two-pass path is used
+            (same results, without the memory saving).
         size_average, reduce: deprecated, as in ``F.cross_entropy``.
 
     Returns:
@@ -264,14 +264,23 @@ def cross_entropy(
     smoothing = float(label_smoothing)
 
     wants_grad = torch.is_grad_enabled() and input.requires_grad
-    if wants_grad and not return_lse and not target.requires_grad:
+    # Inside torch.compile the graph is functional: the in-place hand-over of the
+    # forward pass's gradient does not apply, and the two-pass path (statistics
+    # forward, gradient in backward: 2 reads + 1 write) is cheaper than the fused
+    # one would be there (fused forward, then a scaled copy).
+    if wants_grad and not return_lse and not target.requires_grad and not torch.compiler.is_compiling():
         if inplace_backward and input.is_leaf:
             raise ValueError(
                 "inplace_backward=True would overwrite input with its gradient, but input is a leaf tensor "
                 "that requires grad; use it on logits computed by the model (e.g. the output of the LM head)"
             )
+        # In place, the gradient goes into the input's own buffer when the rows are a
+        # view of it; otherwise into the copy _as_rows made (still no second buffer).
+        inplace_target = None
+        if inplace_backward:
+            inplace_target = input if logits.untyped_storage().data_ptr() == input.untyped_storage().data_ptr() else logits
         return _fused(logits, rows, weight, info, ignore_index, smoothing, cap, z_loss, reduction, batch_shape,
-                      input.dtype, inplace_backward)
+                      input.dtype, inplace_target)
 
     loss, lse, _mass = torch.ops.fused_ce.cross_entropy_forward(logits, rows, weight, ignore_index, smoothing, cap)
     if reduction == "none":
@@ -292,15 +301,19 @@ def cross_entropy(
 
 
 def _fused(logits, rows, weight, info, ignore_index, smoothing, cap, z_loss, reduction, batch_shape, dtype, inplace):
-    """The training path: the loss and its gradient in one kernel (see ops.py)."""
+    """The training path: the loss and its gradient in one kernel (see ops.py).
+
+    inplace: None, or the tensor whose buffer the gradient overwrites: the input the
+    rows ``logits`` view, or ``logits`` itself when _as_rows copied.
+    """
     mask = info.mask(logits.device, accumulate_dtype(logits.dtype))
     row_scale = mask if reduction != "mean" else mask * _safe_inverse(info.denominator, mask.dtype)
     z_scale = None
     if z_loss:
         z_scale = z_loss * mask if reduction != "mean" else (z_loss * _safe_inverse(info.count, mask.dtype)) * mask
     args = (rows, weight, row_scale.contiguous(), z_scale, ignore_index, smoothing, cap)
-    if inplace and not torch.compiler.is_compiling():
-        objective = _fused_inplace(logits, args)
+    if inplace is not None:
+        objective = _fused_inplace(inplace, logits.shape, args)
     else:
         objective, _lse, _mass, _grad = torch.ops.fused_ce.cross_entropy_fused(logits, *args)
     if reduction == "none":
@@ -311,7 +324,7 @@ def _fused(logits, rows, weight, info, ignore_index, smoothing, cap, z_loss, red
     return total.to(dtype)
 
 
-def _fused_inplace(logits: Tensor, args) -> Tensor:
+def _fused_inplace(buffer: Tensor, rows_shape, args) -> Tensor:
     """cross_entropy_fused_ with autograd: the gradient overwrites the logits.
 
     A mutating op cannot carry torch.library autograd, and autograd lets a Function
@@ -321,29 +334,33 @@ def _fused_inplace(logits: Tensor, args) -> Tensor:
     backward that saved them raises), and is the identity for autograd;
     _ObjectiveOf returns the objective, whose gradient with respect to that buffer is
     the buffer scaled by the upstream gradient.
+
+    The Functions take the buffer itself, not a reshaped view of it: in-place work on
+    a view makes autograd route the gradient through a CopySlices node, which copies it.
     """
     objective_box: list[Tensor] = []
-    grad = _GradIntoLogits.apply(logits, objective_box, *args)
-    return _ObjectiveOf.apply(objective_box[0], grad)
+    grad = _GradIntoLogits.apply(buffer, rows_shape, objective_box, *args)
+    return _ObjectiveOf.apply(objective_box[0], grad, rows_shape)
 
 
 class _GradIntoLogits(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, objective_box, *args):
-        objective, _lse, _mass = torch.ops.fused_ce.cross_entropy_fused_(logits, *args)
+    def forward(ctx, buffer, rows_shape, objective_box, *args):
+        objective, _lse, _mass = torch.ops.fused_ce.cross_entropy_fused_(buffer.view(rows_shape), *args)
         objective_box.append(objective)
-        ctx.mark_dirty(logits)
-        return logits
+        ctx.mark_dirty(buffer)
+        return buffer
 
     @staticmethod
     def backward(ctx, grad):
-        return (grad, None) + (None,) * 7
+        return (grad, None, None) + (None,) * 7
 
 
 class _ObjectiveOf(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, objective, grad):
+    def forward(ctx, objective, grad, rows_shape):
         ctx.save_for_backward(grad)
+        ctx.rows_shape = rows_shape
         ctx.grad_buffer_used = False
         return objective.clone()
 
@@ -360,8 +377,85 @@ class _ObjectiveOf(torch.autograd.Function):
         # Only rows whose upstream gradient is not exactly 1 are scaled; with the
         # logits gone they cannot be recomputed, so in float16/bfloat16 such rows are
         # rounded twice (see the README).
-        torch.ops.fused_ce.scale_rows_(grad, grad_objective.to(accumulate_dtype(grad.dtype)))
-        return None, grad
+        torch.ops.fused_ce.scale_rows_(grad.view(ctx.rows_shape), grad_objective.to(accumulate_dtype(grad.dtype)))
+        return None, grad, None
 
 
-__all__ = ["cross_entropy", "set_target_validation"]
+def entropy(logits: Tensor) -> Tensor:
+    """Entropy ``-sum_c p_c log p_c`` of ``softmax(logits)`` along the last dimension.
+
+    One online pass over each row (running max, rescaled sum and rescaled
+    ``sum_c e^(z_c - max) (max - z_c)``), differentiable; zero probabilities count as
+    ``0 log 0 = 0``, as ``torch.xlogy`` defines it.
+
+    Args:
+        logits: ``(..., V)``, floating point.
+
+    Returns:
+        ``(...)``: float32 (float64 for float64 logits).
+    """
+    if not isinstance(logits, Tensor) or not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating-point Tensor, got {getattr(logits, 'dtype', type(logits))}")
+    if logits.dim() == 0 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have a non-empty last (class) dimension, got shape {tuple(logits.shape)}")
+    _check_device(logits.device)
+    rows = logits.reshape(-1, logits.shape[-1])
+    if rows.stride(1) != 1 and rows.shape[1] > 1:
+        rows = rows.contiguous()
+    value, _lse = torch.ops.fused_ce.entropy_forward(rows)
+    return value.reshape(logits.shape[:-1])
+
+
+def focal_loss(
+    input: Tensor,  # noqa: A002 - F.cross_entropy's name
+    target: Tensor,
+    gamma: float = 2.0,
+    alpha: float | Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> Tensor:
+    """Focal loss ``-alpha_t (1 - p_t)**gamma log p_t`` (Lin et al., 2017) for class-index targets.
+
+    Built on the fused per-row cross-entropy (``-log p_t``): the softmax is never
+    materialised. ``p_t = exp(-loss)`` and ``1 - p_t = -expm1(-loss)``, exact near 1.
+
+    Args:
+        input: logits, with ``cross_entropy``'s layouts.
+        target: class indices (``ignore_index`` rows add nothing).
+        gamma: the focusing exponent, ``>= 0`` (0 gives the cross-entropy).
+        alpha: ``None``, a float (every class), or a ``(C)`` tensor of per-class weights.
+        reduction: ``'none'``, ``'mean'`` (over the non-ignored rows; NaN if there
+            are none) or ``'sum'``.
+    """
+    _check_reduction(reduction)
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma < 0:
+        raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
+    if isinstance(target, Tensor) and target.is_floating_point():
+        raise TypeError("focal_loss takes class-index targets (an integer dtype), got floating-point probabilities")
+    logits, rows, _, batch_shape = _as_rows(input, target, None, ignore_index, 0.0)
+    loss, _lse, _mass = torch.ops.fused_ce.cross_entropy_forward(logits, rows, None, ignore_index, 0.0, 0.0)
+    focal = (-torch.expm1(-loss)).pow(gamma) * loss if gamma else loss
+    valid = rows != ignore_index
+    if alpha is not None:
+        if isinstance(alpha, Tensor):
+            if alpha.shape != (logits.shape[1],):
+                raise ValueError(f"alpha must be a float or have shape ({logits.shape[1]},), got {tuple(alpha.shape)}")
+            if alpha.device != logits.device:
+                raise ValueError(f"alpha must be on the input's device ({logits.device}), got {alpha.device}")
+            alpha_t = alpha.to(focal.dtype).gather(0, torch.where(valid, rows, 0))
+        elif isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha):
+            alpha_t = float(alpha)
+        else:
+            raise TypeError(f"alpha must be None, a finite float or a tensor, got {alpha!r}")
+        focal = focal * alpha_t
+    focal = focal * valid  # ignored rows: 0, also where alpha_t would not be
+    if reduction == "none":
+        return focal.reshape(batch_shape).to(input.dtype)
+    total = focal.sum()
+    if reduction == "mean":
+        count = valid.sum()
+        total = _nan_if_empty(total * _safe_inverse(count, total.dtype), count)
+    return total.to(input.dtype)
+
+
+__all__ = ["cross_entropy", "entropy", "focal_loss", "set_target_validation"]

@@ -193,9 +193,11 @@ def _fused_backward(ctx, grad_objective: Tensor, _grad_lse, _grad_mass, _grad_gr
     t_coef = (g * row_scale).contiguous()
     p_coef = (t_coef * mass + (0 if z_scale is None else 2 * g * z_scale * lse)).contiguous()
     options = ctx.options
-    if ctx.grad_buffer_used:
+    if ctx.grad_buffer_used or type(grad) is not torch.Tensor:
         # A second backward through the same graph (retain_graph, gradcheck): the
-        # buffer was handed on, so compute afresh from the logits.
+        # buffer was handed on, so compute afresh from the logits. Also when traced
+        # (AOTAutograd's functional tensors): a traced graph must not mutate a
+        # saved tensor.
         grad = torch.ops.fused_ce.cross_entropy_backward(logits, target, weight, lse, p_coef, t_coef, *options)
     else:
         # The forward pass wrote d(objective_i)/d(logits_i). Rows whose upstream
@@ -209,3 +211,36 @@ def _fused_backward(ctx, grad_objective: Tensor, _grad_lse, _grad_mass, _grad_gr
 
 
 torch.library.register_autograd("fused_ce::cross_entropy_fused", _fused_backward, setup_context=_fused_setup_context)
+
+
+@torch.library.register_fake("fused_ce::entropy_forward")
+def _entropy_forward_fake(logits):
+    rows = logits.new_empty(logits.shape[0], dtype=accumulate_dtype(logits.dtype))
+    return rows, torch.empty_like(rows)
+
+
+@torch.library.register_fake("fused_ce::entropy_backward")
+def _entropy_backward_fake(logits, entropy, lse, grad_entropy):
+    return logits.new_empty(logits.shape)
+
+
+def _entropy_setup_context(ctx, inputs, output):
+    (logits,) = inputs
+    entropy, lse = output
+    ctx.save_for_backward(logits, entropy, lse)
+    ctx.mark_non_differentiable(lse)
+
+
+def _entropy_backward(ctx, grad_entropy: Tensor, _grad_lse):
+    logits, entropy, lse = ctx.saved_tensors
+    g = grad_entropy.to(lse.dtype)
+    if torch.is_grad_enabled():  # create_graph=True: dH/dz = p (lse - z - H) as torch ops
+        z = logits.to(lse.dtype)
+        logp = torch.log_softmax(z, dim=1)
+        p = logp.exp()
+        h = -(torch.xlogy(p, p)).sum(1, keepdim=True)
+        return (g.unsqueeze(1) * torch.where(p == 0, 0.0, p * (-logp - h))).to(logits.dtype)
+    return torch.ops.fused_ce.entropy_backward(logits, entropy, lse, g)
+
+
+torch.library.register_autograd("fused_ce::entropy_forward", _entropy_backward, setup_context=_entropy_setup_context)

@@ -44,14 +44,19 @@ def cross_entropy_reference(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     softcap: float | None = None,
-) -> Tensor:
+    z_loss: float = 0.0,
+    return_lse: bool = False,
+):
     """``F.cross_entropy`` in float64 from the formulas in this module's docstring.
 
     Accepts every layout ``F.cross_entropy`` does: input ``(C)``, ``(N, C)`` or
     ``(N, C, d1, ..., dk)``; targets of class indices (any integer dtype) in the
     batch shape, or class probabilities in the input's shape. ``softcap`` (not an
     ``F.cross_entropy`` option) applies ``z = softcap * tanh(x / softcap)`` first.
-    Returns a float64 tensor: the batch shape for ``'none'``, else a scalar.
+    ``z_loss`` adds ``z_loss * lse**2`` for every non-ignored row (under ``'mean'``
+    divided by the number of such rows, unweighted).
+    Returns a float64 tensor: the batch shape for ``'none'``, else a scalar; with
+    ``return_lse``, ``(loss, lse)`` with lse in the batch shape.
     """
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
@@ -84,19 +89,48 @@ def cross_entropy_reference(
     # masked to -inf outside the target add nothing instead of NaN.
     terms = torch.where(t != 0, t * (lse - z), torch.zeros_like(z))
     loss = terms.sum(dim=-1)
+    z_terms = z_loss * lse.squeeze(-1).square() * valid.to(torch.float64)
+    out = _reduce(loss, z_terms, reduction, target, w, safe_y if not target.is_floating_point() else None, valid)
+    return (out, lse.squeeze(-1)) if return_lse else out
 
+
+def _reduce(loss, z_terms, reduction, target, w, safe_y, valid):
     if reduction == "none":
-        return loss
-    total = loss.sum()
+        return loss + z_terms
+    total, z_total = loss.sum(), z_terms.sum()
     if reduction == "sum":
-        return total
+        return total + z_total
     if target.is_floating_point():
-        return total / loss.numel()
+        return (total + z_total) / loss.numel()
+    count = valid.to(torch.float64).sum()
     denominator = (w[safe_y] * valid.to(torch.float64)).sum()
-    if bool(denominator == 0):
+    if bool(denominator == 0) or bool(count == 0):
         # NaN whatever the smoothing term's numerator, with a zero gradient, as PyTorch.
         return total * 0.0 + float("nan")
-    return total / denominator
+    return total / denominator + z_total / count
 
 
-__all__ = ["cross_entropy_reference"]
+def entropy_reference(logits: Tensor) -> Tensor:
+    """``-sum_c p_c log p_c`` of ``softmax(logits)`` over the last dimension, in float64 (0 log 0 = 0)."""
+    p = torch.softmax(logits.to(torch.float64), dim=-1)
+    return -torch.xlogy(p, p).sum(-1)
+
+
+def focal_loss_reference(input, target, gamma=2.0, alpha=None, ignore_index=-100, reduction="mean") -> Tensor:
+    """``-alpha_t (1 - p_t)**gamma log p_t`` in float64; ``'mean'`` over the non-ignored rows."""
+    x = input.to(torch.float64)
+    class_dim = 0 if x.dim() == 1 else 1
+    logp = torch.log_softmax(x.movedim(class_dim, -1), dim=-1)
+    valid = target != ignore_index
+    y = torch.where(valid, target.to(torch.int64), 0)
+    logp_t = logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    loss = -((1 - logp_t.exp()) ** gamma) * logp_t
+    if alpha is not None:
+        loss = loss * (alpha.to(torch.float64)[y] if isinstance(alpha, Tensor) else alpha)
+    loss = loss * valid
+    if reduction == "none":
+        return loss
+    return loss.sum() if reduction == "sum" else loss.sum() / valid.sum()
+
+
+__all__ = ["cross_entropy_reference", "entropy_reference", "focal_loss_reference"]

@@ -67,7 +67,7 @@ def _targets(kind, n, v, dtype):
 def _compare(emulator, logits, target, weight, smoothing, softcap, threads):
     ignore = -100
     dtype = logits.dtype
-    got = emulator.forward(logits, target, weight, ignore, smoothing, softcap, threads)
+    got = emulator.forward(logits, target, weight, ignore, smoothing, softcap, 0, -1, threads)
     want = torch.ops.fused_ce.cross_entropy_forward(logits, target, weight, ignore, smoothing, softcap)
     for name, g, w in zip(("loss", "lse", "mass"), got, want):
         torch.testing.assert_close(g, w, **_tolerance(dtype), equal_nan=True, msg=lambda m: f"{name}: {m}")
@@ -79,7 +79,7 @@ def _compare(emulator, logits, target, weight, smoothing, softcap, threads):
     p_coef[0] = t_coef[0] = 0.0  # a row no gradient flows into
     lse = want[1]
     got_grad = emulator.backward(
-        logits, target, weight, lse, p_coef, t_coef, ignore, smoothing, softcap, threads, None, None
+        logits, target, weight, lse, p_coef, t_coef, ignore, smoothing, softcap, 0, -1, threads, None, None
     )
     want_grad = torch.ops.fused_ce.cross_entropy_backward(
         logits, target, weight, lse, p_coef, t_coef, ignore, smoothing, softcap
@@ -92,7 +92,7 @@ def _compare(emulator, logits, target, weight, smoothing, softcap, threads):
     want = torch.ops.fused_ce.cross_entropy_fused(logits, target, weight, row_scale, z_scale, ignore, smoothing, softcap)
     for inplace in (False, True):
         x = logits.clone() if inplace else logits
-        got = emulator.fused(x, target, weight, row_scale, z_scale, ignore, smoothing, softcap, threads, inplace)
+        got = emulator.fused(x, target, weight, row_scale, z_scale, ignore, smoothing, softcap, 0, -1, threads, inplace)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, **_tolerance(dtype), equal_nan=True)
         if inplace:
@@ -102,15 +102,19 @@ def _compare(emulator, logits, target, weight, smoothing, softcap, threads):
     keep = torch.where(torch.arange(n) % 2 == 0, 1.0, 0.5).to(acc)
     held = torch.full_like(logits, 7.0)
     got_grad = emulator.backward(
-        logits, target, weight, lse, p_coef, t_coef, ignore, smoothing, softcap, threads, keep, held
+        logits, target, weight, lse, p_coef, t_coef, ignore, smoothing, softcap, 0, -1, threads, keep, held
     )
     torch.testing.assert_close(got_grad[0::2], held[0::2])
     torch.testing.assert_close(got_grad[1::2], want_grad[1::2], **_tolerance(dtype), equal_nan=True)
 
 
+# Each vocabulary size with a layout: whole vectors, a scalar head, a scalar tail, both.
+SHAPES = [(1, "contiguous"), (7, "unaligned"), (33, "padded_rows"), (300, "unaligned"), (1025, "contiguous"),
+          (1025, "padded_rows")]
+
+
 @pytest.mark.parametrize("threads", THREADS)
-@pytest.mark.parametrize("v", [1, 7, 33, 300, 1025])
-@pytest.mark.parametrize("layout", ["contiguous", "unaligned", "padded_rows"])
+@pytest.mark.parametrize("v, layout", SHAPES, ids=str)
 def test_float32_every_mapping_and_layout(emulator, threads, v, layout):
     torch.manual_seed(v * 7 + threads)
     n = 6
@@ -144,12 +148,14 @@ def test_other_dtypes(emulator, threads, dtype, v):
 def test_out_of_range_target_gives_a_nan_row_only(emulator, threads):
     logits = torch.randn(4, 40)
     target = torch.tensor([3, 40, -1, 7])  # rows 1 and 2 are out of range (and not ignore_index)
-    loss, lse, mass = emulator.forward(logits, target, None, -100, 0.0, 0.0, threads)
+    loss, lse, mass = emulator.forward(logits, target, None, -100, 0.0, 0.0, 0, -1, threads)
     assert loss[1:3].isnan().all() and lse[1:3].isnan().all() and mass[1:3].isnan().all()
     good = torch.tensor([0, 3])
     want = torch.ops.fused_ce.cross_entropy_forward(logits[good], target[good], None, -100, 0.0, 0.0)
     torch.testing.assert_close(loss[good], want[0])
-    grad = emulator.backward(logits, target, None, lse, torch.ones(4), torch.ones(4), -100, 0.0, 0.0, threads, None, None)
+    grad = emulator.backward(
+        logits, target, None, lse, torch.ones(4), torch.ones(4), -100, 0.0, 0.0, 0, -1, threads, None, None
+    )
     assert grad[1:3].isnan().all()
     assert grad[good].isfinite().all()
 
@@ -165,3 +171,38 @@ def test_non_finite_logits_match_the_cpu_kernels(emulator, threads):
     target = torch.tensor([3, 0, 1, 2, 4])
     for smoothing in (0.0, 0.1):
         _compare(emulator, logits, target, None, smoothing, 0.0, threads)
+
+
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_entropy_kernels(emulator, threads, dtype):
+    torch.manual_seed(threads)
+    for v, layout in [(7, "unaligned"), (1025, "contiguous"), (300, "padded_rows")]:
+        logits = _logits(5, v, dtype, layout)
+        logits[0, 2] = float("-inf")  # a zero probability
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        grad_entropy = torch.randn(5, dtype=acc)
+        grad_entropy[1] = 0.0
+        entropy, lse, grad = emulator.entropy(logits, grad_entropy, threads)
+        want_entropy, want_lse = torch.ops.fused_ce.entropy_forward(logits)
+        want_grad = torch.ops.fused_ce.entropy_backward(logits, want_entropy, want_lse, grad_entropy)
+        torch.testing.assert_close(entropy, want_entropy, **_tolerance(dtype))
+        torch.testing.assert_close(lse, want_lse, **_tolerance(dtype))
+        torch.testing.assert_close(grad, want_grad, **_tolerance(dtype))
+
+
+@pytest.mark.parametrize("threads", THREADS)
+def test_vocabulary_slices(emulator, threads):
+    # Each slice of a vocabulary, with global targets (some in other slices) and
+    # smoothing over the whole vocabulary, as the CPU kernels compute it.
+    torch.manual_seed(threads)
+    v = 61
+    logits = torch.randn(6, v)
+    target = torch.tensor([0, 60, -100, 25, 40, 3])
+    for start, stop in [(0, 20), (20, 45), (45, 61)]:
+        part = logits[:, start:stop]
+        for smoothing in (0.0, 0.1):
+            got = emulator.forward(part, target, None, -100, smoothing, 0.0, start, v, threads)
+            want = torch.ops.fused_ce.cross_entropy_forward(part, target, None, -100, smoothing, 0.0, start, v)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, **_tolerance(torch.float32))

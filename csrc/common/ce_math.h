@@ -91,11 +91,16 @@ FUSED_CE_HOST_DEVICE RowStats<acc_t> rescale(RowStats<acc_t> s, acc_t new_max) {
   return s;
 }
 
+// max(a, b) that returns NaN if either is NaN (as PyTorch's reductions do; fmax drops it).
+template <typename acc_t>
+FUSED_CE_HOST_DEVICE acc_t nan_max(acc_t a, acc_t b) {
+  return (a != a || b != b) ? a + b : (a > b ? a : b);
+}
+
 // Online log-sum-exp merge of two parts of a row.
 template <typename acc_t>
 FUSED_CE_HOST_DEVICE RowStats<acc_t> merge(RowStats<acc_t> a, RowStats<acc_t> b) {
-  // NaN must win, as in PyTorch: fmax would drop it.
-  const acc_t m = (a.max != a.max || b.max != b.max) ? a.max + b.max : (a.max > b.max ? a.max : b.max);
+  const acc_t m = nan_max(a.max, b.max);
   a = rescale(a, m);
   b = rescale(b, m);
   return {m, a.sum + b.sum, a.mass + b.mass, a.gap + b.gap};
@@ -124,6 +129,64 @@ template <typename acc_t>
 FUSED_CE_HOST_DEVICE acc_t row_loss(const RowStats<acc_t>& s) {
   // An all-zero target (an ignored row) has loss 0 whatever its logits hold.
   return s.mass == acc_t(0) ? acc_t(0) : s.mass * log_(s.sum) + s.gap;
+}
+
+// Entropy H = -sum_c p_c log p_c of softmax(z), online like the lse:
+//
+//     sum    = sum_c exp(z_c - max)
+//     moment = sum_c exp(z_c - max) * (max - z_c)       (every term >= 0)
+//     H      = log(sum) + moment / sum
+//
+// Moving to a new max m' >= m: sum' = e^(m - m') sum, moment' = e^(m - m') (moment + sum (m' - m)).
+// dH/dz_c = p_c (lse - z_c - H).
+template <typename acc_t>
+struct EntropyStats {
+  acc_t max;
+  acc_t sum;
+  acc_t moment;
+};
+
+template <typename acc_t>
+FUSED_CE_HOST_DEVICE EntropyStats<acc_t> empty_entropy_stats() {
+  return {neg_inf<acc_t>(), acc_t(0), acc_t(0)};
+}
+
+template <typename acc_t>
+FUSED_CE_HOST_DEVICE EntropyStats<acc_t> rescale(EntropyStats<acc_t> s, acc_t new_max) {
+  if (s.max == new_max || s.max == neg_inf<acc_t>()) {  // an empty part stays empty
+    s.max = new_max;
+    return s;
+  }
+  const acc_t f = exp_(s.max - new_max);
+  s.moment = f * (s.moment + s.sum * (new_max - s.max));
+  s.sum *= f;
+  s.max = new_max;
+  return s;
+}
+
+template <typename acc_t>
+FUSED_CE_HOST_DEVICE EntropyStats<acc_t> merge(EntropyStats<acc_t> a, EntropyStats<acc_t> b) {
+  const acc_t m = nan_max(a.max, b.max);
+  a = rescale(a, m);
+  b = rescale(b, m);
+  return {m, a.sum + b.sum, a.moment + b.moment};
+}
+
+// The contribution e * (max - z) of one logit with e = exp(z - max); 0 when e is 0
+// (p log p -> 0), so masked logits (-inf) add nothing rather than 0 * inf.
+template <typename acc_t>
+FUSED_CE_HOST_DEVICE acc_t entropy_moment(acc_t e, acc_t row_max, acc_t z) {
+  return e == acc_t(0) ? acc_t(0) : e * (row_max - z);
+}
+
+template <typename acc_t>
+FUSED_CE_HOST_DEVICE acc_t entropy_value(const EntropyStats<acc_t>& s) {
+  return log_(s.sum) + s.moment / s.sum;
+}
+
+template <typename T>
+FUSED_CE_HOST_DEVICE T entropy_grad_value(T prob, T z, T lse, T entropy, T grad_entropy) {
+  return grad_entropy * prob * (lse - z - entropy);
 }
 
 // The per-row objective when the forward pass also writes the gradient: the row's

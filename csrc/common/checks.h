@@ -63,6 +63,13 @@ inline void check_row_vector(const at::Tensor& t, const char* name, const at::Te
   TORCH_CHECK_VALUE(t.device() == logits.device(), name, " must be on the logits' device");
 }
 
+inline void check_entropy_args(const at::Tensor& logits) {
+  TORCH_CHECK_VALUE(logits.dim() == 2, "logits must be 2-D [N, V], got ", logits.dim(), " dimensions");
+  TORCH_CHECK_TYPE(logits.is_floating_point(), "logits must be floating point, got ", logits.scalar_type());
+  TORCH_CHECK_VALUE(logits.size(1) > 0, "logits must have at least one class, got V = 0");
+  TORCH_CHECK_VALUE(logits.size(1) <= 1 || logits.stride(1) == 1, "logits must have unit stride along classes");
+}
+
 inline void check_grad_buffer(const at::Tensor& grad, const at::Tensor& logits) {
   TORCH_CHECK_VALUE(grad.sizes() == logits.sizes(), "grad must have the logits' shape ", logits.sizes(), ", got ",
                     grad.sizes());

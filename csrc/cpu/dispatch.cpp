@@ -143,6 +143,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_inplace_cpu(
                     vocab_total, logits);
 }
 
+std::tuple<at::Tensor, at::Tensor> entropy_forward_cpu(const at::Tensor& logits) {
+  check_entropy_args(logits);
+  const auto opts = logits.options().dtype(accumulate_type(logits.scalar_type()));
+  at::Tensor entropy = at::empty({logits.size(0)}, opts);
+  at::Tensor lse = at::empty({logits.size(0)}, opts);
+  FUSED_CE_CPU_CALL(entropy_forward, logits, entropy, lse);
+  return {entropy, lse};
+}
+
+at::Tensor entropy_backward_cpu(const at::Tensor& logits, const at::Tensor& entropy, const at::Tensor& lse,
+                                const at::Tensor& grad_entropy) {
+  check_entropy_args(logits);
+  check_row_vector(entropy, "entropy", logits);
+  check_row_vector(lse, "lse", logits);
+  check_row_vector(grad_entropy, "grad_entropy", logits);
+  at::Tensor grad = empty_large(logits.sizes(), logits.options());
+  FUSED_CE_CPU_CALL(entropy_backward, logits, entropy.contiguous(), lse.contiguous(), grad_entropy, grad);
+  return grad;
+}
+
 void scale_rows_cpu(const at::Tensor& rows, const at::Tensor& scale) {
   check_scale_rows_args(rows, scale);
   at::Tensor r = rows;
@@ -186,6 +206,8 @@ TORCH_LIBRARY_IMPL(fused_ce, CPU, m) {
   m.impl("cross_entropy_fused", &fused_cpu);
   m.impl("cross_entropy_fused_", &fused_inplace_cpu);
   m.impl("scale_rows_", &scale_rows_cpu);
+  m.impl("entropy_forward", &entropy_forward_cpu);
+  m.impl("entropy_backward", &entropy_backward_cpu);
 }
 
 }  // namespace fused_ce::cpu

@@ -85,6 +85,28 @@ acc_t reduce_max(const Vectorized<acc_t>& v) {
       [](Vectorized<acc_t>& a, Vectorized<acc_t>& b) { return at::vec::maximum(a, b); }, v);
 }
 
+// z = softcap(x) (cap <= 0: off) for n entries into buf, padded with -inf to whole
+// vectors; returns the padded length.
+template <typename scalar_t>
+int64_t load_logits_block(const scalar_t* x, int64_t n, acc_type<scalar_t>* buf, acc_type<scalar_t> cap,
+                          acc_type<scalar_t> inv_cap) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    Vec z = load_vec(x + j);
+    if (cap > 0) z = softcap_value(z, Vec(cap), Vec(inv_cap));
+    z.store(buf + j);
+  }
+  for (; j < n; ++j) {
+    const acc_t v = static_cast<acc_t>(x[j]);
+    buf[j] = cap > 0 ? softcap_value(v, cap, inv_cap) : v;
+  }
+  for (; j % W; ++j) buf[j] = neg_inf<acc_t>();
+  return j;
+}
+
 // What one call needs, hoisted out of the row loop. T_c (common/ce_math.h) is
 // split into its one-hot part (class-index targets: added once per row, at y)
 // and its spread part (smoothing, or probability targets), summed over blocks.
@@ -149,18 +171,8 @@ struct Problem {
 
   acc_t class_weight(int64_t c) const { return weight ? weight[c] : acc_t(1); }
 
-  // z = softcap(x) for n entries into buf, padded with -inf to whole vectors;
-  // returns the padded length.
   int64_t load_logits(const scalar_t* x, int64_t n, acc_t* buf) const {
-    int64_t j = 0;
-    for (; j + kWidth <= n; j += kWidth) {
-      Vec z = load_vec(x + j);
-      if (cap > 0) z = softcap_value(z, Vec(cap), Vec(inv_cap));
-      z.store(buf + j);
-    }
-    for (; j < n; ++j) buf[j] = logit(x, j);
-    for (; j % kWidth; ++j) buf[j] = neg_inf<acc_t>();
-    return j;
+    return load_logits_block(x, n, buf, cap, inv_cap);
   }
 
   // The spread part of T for classes [b, b + n), padded with 0.
@@ -327,6 +339,89 @@ void backward_impl(const KernelArgs& args, const at::Tensor& lse_in, const at::T
   });
 }
 
+// Entropy of softmax rows (see EntropyStats in common/ce_math.h), block by block
+// like the cross-entropy statistics.
+template <typename scalar_t>
+void entropy_forward_impl(const at::Tensor& logits, at::Tensor& entropy_out, at::Tensor& lse_out) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const scalar_t* data = logits.const_data_ptr<scalar_t>();
+  acc_t* entropy = entropy_out.data_ptr<acc_t>();
+  acc_t* lse = lse_out.data_ptr<acc_t>();
+  const int64_t N = logits.size(0), V = logits.size(1), stride = logits.stride(0);
+  at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> z(kBlock);
+    for (int64_t i = begin; i < end; ++i) {
+      EntropyStats<acc_t> st = empty_entropy_stats<acc_t>();
+      for (int64_t b = 0; b < V; b += kBlock) {
+        const int64_t padded =
+            load_logits_block(data + i * stride + b, std::min(kBlock, V - b), z.data(), acc_t(0), acc_t(0));
+        Vec vmax(neg_inf<acc_t>());
+        for (int64_t j = 0; j < padded; j += W) vmax = at::vec::maximum(vmax, Vec::loadu(z.data() + j));
+        EntropyStats<acc_t> blk{reduce_max(vmax), acc_t(0), acc_t(0)};
+        if (blk.max == neg_inf<acc_t>()) continue;  // only -inf: probability 0, nothing to add
+        if (!std::isfinite(blk.max)) {              // NaN or +inf: NaN, as in PyTorch
+          blk.sum = blk.moment = std::numeric_limits<acc_t>::quiet_NaN();
+        } else {
+          const Vec m(blk.max), zero(0);
+          Vec vsum(0), vmoment(0);
+          for (int64_t j = 0; j < padded; j += W) {
+            const Vec zj = Vec::loadu(z.data() + j);
+            const Vec e = exp_bounded(zj - m);
+            vsum += e;
+            vmoment += Vec::blendv(e * (m - zj), zero, e == zero);  // entropy_moment
+          }
+          blk.sum = reduce_sum(vsum);
+          blk.moment = reduce_sum(vmoment);
+        }
+        st = merge(st, blk);
+      }
+      entropy[i] = entropy_value(st);
+      lse[i] = st.max + std::log(st.sum);
+    }
+  });
+}
+
+template <typename scalar_t>
+void entropy_backward_impl(const at::Tensor& logits, const at::Tensor& entropy_in, const at::Tensor& lse_in,
+                           const at::Tensor& grad_entropy_in, at::Tensor& grad_out) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const scalar_t* data = logits.const_data_ptr<scalar_t>();
+  const acc_t* entropy = entropy_in.const_data_ptr<acc_t>();
+  const acc_t* lse = lse_in.const_data_ptr<acc_t>();
+  const acc_t* grad_entropy = grad_entropy_in.const_data_ptr<acc_t>();
+  const int64_t g_stride = grad_entropy_in.stride(0);
+  scalar_t* grad = grad_out.data_ptr<scalar_t>();
+  const int64_t N = logits.size(0), V = logits.size(1), stride = logits.stride(0);
+  at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> z(kBlock);
+    for (int64_t i = begin; i < end; ++i) {
+      scalar_t* g = grad + i * V;
+      const acc_t gi = grad_entropy[i * g_stride];
+      if (gi == acc_t(0)) {
+        std::fill(g, g + V, scalar_t(0));
+        continue;
+      }
+      const bool finite = std::isfinite(lse[i]) && std::isfinite(entropy[i]);
+      const Vec vlse(lse[i]), vh(entropy[i]), vg(gi), zero(0), nan(std::numeric_limits<acc_t>::quiet_NaN());
+      for (int64_t b = 0; b < V; b += kBlock) {
+        const int64_t n = std::min(kBlock, V - b);
+        load_logits_block(data + i * stride + b, n, z.data(), acc_t(0), acc_t(0));
+        for (int64_t j = 0; j < n; j += W) {
+          const Vec zj = Vec::loadu(z.data() + j);
+          const Vec p = finite ? exp_bounded(zj - vlse) : nan;
+          // p = 0 (a -inf logit) has gradient 0, not 0 * inf.
+          const Vec gj = Vec::blendv(entropy_grad_value(p, zj, vlse, vh, vg), zero, p == zero);
+          store_vec(gj, g + b + j, std::min(W, n - j));
+        }
+      }
+    }
+  });
+}
+
 template <typename scalar_t>
 void scale_rows_impl(at::Tensor& rows, const at::Tensor& scale) {
   using acc_t = acc_type<scalar_t>;
@@ -361,6 +456,17 @@ void backward(const KernelArgs& args, const at::Tensor& lse, const at::Tensor& p
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.logits.scalar_type(), "fused_ce_backward_cpu", [&] {
     backward_impl<scalar_t>(args, lse, p_coef, t_coef, keep_where_one, grad_logits);
   });
+}
+
+void entropy_forward(const at::Tensor& logits, at::Tensor& entropy, at::Tensor& lse) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "fused_ce_entropy_forward_cpu",
+                                  [&] { entropy_forward_impl<scalar_t>(logits, entropy, lse); });
+}
+
+void entropy_backward(const at::Tensor& logits, const at::Tensor& entropy, const at::Tensor& lse,
+                      const at::Tensor& grad_entropy, at::Tensor& grad) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "fused_ce_entropy_backward_cpu",
+                                  [&] { entropy_backward_impl<scalar_t>(logits, entropy, lse, grad_entropy, grad); });
 }
 
 void scale_rows(at::Tensor& rows, const at::Tensor& scale) {

@@ -40,6 +40,10 @@ struct GradInForward {
                 const at::Tensor& keep_where_one, at::Tensor& grad_logits);                                        \
   /* rows [N, V] *= scale [N] (any strides); rows whose scale is 1 are skipped */                                  \
   void scale_rows(at::Tensor& rows, const at::Tensor& scale);                                                      \
+  /* entropy, lse [N] of softmax(logits [N, V]); its backward into grad [N, V] contiguous */                       \
+  void entropy_forward(const at::Tensor& logits, at::Tensor& entropy, at::Tensor& lse);                            \
+  void entropy_backward(const at::Tensor& logits, const at::Tensor& entropy, const at::Tensor& lse,                \
+                        const at::Tensor& grad_entropy, at::Tensor& grad);                                         \
   }
 
 FUSED_CE_DECLARE_CPU_KERNELS(DEFAULT)

@@ -137,6 +137,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_inplace_cuda(
                     vocab_total, logits);
 }
 
+template <typename scalar_t>
+EntropyArgs<scalar_t> entropy_args(const at::Tensor& logits, at::Tensor& entropy, at::Tensor& lse) {
+  using acc_t = acc_type<scalar_t>;
+  EntropyArgs<scalar_t> a{logits.const_data_ptr<scalar_t>(), logits.stride(0),     logits.size(0), logits.size(1),
+                          entropy.data_ptr<acc_t>(),         lse.data_ptr<acc_t>()};
+  return a;
+}
+
+std::tuple<at::Tensor, at::Tensor> entropy_forward_cuda(const at::Tensor& logits) {
+  check_entropy_args(logits);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const auto opts = logits.options().dtype(accumulate_type(logits.scalar_type()));
+  at::Tensor entropy = at::empty({logits.size(0)}, opts);
+  at::Tensor lse = at::empty({logits.size(0)}, opts);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "fused_ce_entropy_forward_cuda", [&] {
+    launch_entropy_forward(entropy_args<scalar_t>(logits, entropy, lse), stream);
+  });
+  return {entropy, lse};
+}
+
+at::Tensor entropy_backward_cuda(const at::Tensor& logits, const at::Tensor& entropy, const at::Tensor& lse,
+                                 const at::Tensor& grad_entropy) {
+  check_entropy_args(logits);
+  check_row_vector(entropy, "entropy", logits);
+  check_row_vector(lse, "lse", logits);
+  check_row_vector(grad_entropy, "grad_entropy", logits);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  at::Tensor entropy_c = entropy.contiguous(), lse_c = lse.contiguous();
+  at::Tensor grad = at::empty(logits.sizes(), logits.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "fused_ce_entropy_backward_cuda",
+                                  [&] {
+                                    using acc_t = acc_type<scalar_t>;
+                                    auto a = entropy_args<scalar_t>(logits, entropy_c, lse_c);
+                                    a.grad_entropy = grad_entropy.const_data_ptr<acc_t>();
+                                    a.grad_entropy_stride = grad_entropy.stride(0);
+                                    a.grad = grad.data_ptr<scalar_t>();
+                                    launch_entropy_backward(a, stream);
+                                  });
+  return grad;
+}
+
 void scale_rows_cuda(const at::Tensor& rows, const at::Tensor& scale) {
   check_scale_rows_args(rows, scale);
   const c10::cuda::CUDAGuard guard(rows.device());
@@ -157,6 +200,8 @@ TORCH_LIBRARY_IMPL(fused_ce, CUDA, m) {
   m.impl("cross_entropy_fused", &fused_cuda);
   m.impl("cross_entropy_fused_", &fused_inplace_cuda);
   m.impl("scale_rows_", &scale_rows_cuda);
+  m.impl("entropy_forward", &entropy_forward_cuda);
+  m.impl("entropy_backward", &entropy_backward_cuda);
 }
 
 }  // namespace fused_ce::cuda

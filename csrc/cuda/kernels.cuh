@@ -94,16 +94,22 @@ __device__ __forceinline__ RowStats<acc_t> shfl_xor(const RowStats<acc_t>& s, in
           __shfl_xor_sync(0xffffffffu, s.mass, offset), __shfl_xor_sync(0xffffffffu, s.gap, offset)};
 }
 
-// Merges the statistics of the kThreads threads of a row; every thread gets the
-// same result (the merge order is fixed and symmetric).
-template <int kThreads, typename acc_t>
-__device__ __forceinline__ RowStats<acc_t> merge_row(RowStats<acc_t> s) {
+template <typename acc_t>
+__device__ __forceinline__ EntropyStats<acc_t> shfl_xor(const EntropyStats<acc_t>& s, int offset) {
+  return {__shfl_xor_sync(0xffffffffu, s.max, offset), __shfl_xor_sync(0xffffffffu, s.sum, offset),
+          __shfl_xor_sync(0xffffffffu, s.moment, offset)};
+}
+
+// Merges the statistics (RowStats or EntropyStats) of the kThreads threads of a
+// row; every thread gets the same result (the merge order is fixed and symmetric).
+template <int kThreads, typename Stats>
+__device__ __forceinline__ Stats merge_row(Stats s) {
   constexpr int kWarpWidth = kThreads < kWarp ? kThreads : kWarp;
 #pragma unroll
   for (int offset = kWarpWidth / 2; offset > 0; offset /= 2) s = merge(s, shfl_xor(s, offset));
   if constexpr (kThreads > kWarp) {
     constexpr int kWarps = kThreads / kWarp;
-    __shared__ RowStats<acc_t> partial[kWarps];
+    __shared__ Stats partial[kWarps];
     const int warp = threadIdx.x / kWarp;
     if (threadIdx.x % kWarp == 0) partial[warp] = s;
     __syncthreads();
@@ -309,6 +315,82 @@ __global__ void __launch_bounds__(block_size<kThreads>())
                                             in.p_coef[row], in.t_coef[row], grad + row * grad_stride);
 }
 
+// Entropy and lse of each row of softmax(logits) (EntropyStats in common/ce_math.h).
+template <typename scalar_t, int kThreads>
+__global__ void __launch_bounds__(block_size<kThreads>()) entropy_forward_kernel(const EntropyArgs<scalar_t> a) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int W = kVecWidth<scalar_t>;
+  constexpr int kRowsPerBlock = block_size<kThreads>() / kThreads;
+  const int lane = threadIdx.x % kThreads;
+  const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreads;
+  if (row >= a.num_rows) return;
+  const scalar_t* x = a.logits + row * a.logits_stride;
+  EntropyStats<acc_t> s = empty_entropy_stats<acc_t>();
+  auto add = [&](const acc_t* z, int n) {
+    acc_t m = s.max;
+    for (int k = 0; k < n; ++k) m = fmax_(m, z[k]);
+    s = rescale(s, m);
+    if (m == neg_inf<acc_t>()) return;
+    for (int k = 0; k < n; ++k) {
+      const acc_t e = exp_(z[k] - m);
+      s.sum += e;
+      s.moment += entropy_moment(e, m, z[k]);
+    }
+  };
+  for_each_owned<scalar_t, kThreads>(
+      split_row(x, a.num_classes), a.num_classes, lane,
+      [&](int64_t c0) {
+        const auto pk = *reinterpret_cast<const Pack<scalar_t, W>*>(x + c0);
+        acc_t z[W];
+#pragma unroll
+        for (int k = 0; k < W; ++k) z[k] = static_cast<acc_t>(pk.v[k]);
+        add(z, W);
+      },
+      [&](int64_t c) {
+        const acc_t z = static_cast<acc_t>(x[c]);
+        add(&z, 1);
+      });
+  s = merge_row<kThreads>(s);
+  if (lane == 0) {
+    a.entropy[row] = entropy_value(s);
+    a.lse[row] = s.max + log_(s.sum);
+  }
+}
+
+template <typename scalar_t, int kThreads>
+__global__ void __launch_bounds__(block_size<kThreads>()) entropy_backward_kernel(const EntropyArgs<scalar_t> a) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int W = kVecWidth<scalar_t>;
+  constexpr int kRowsPerBlock = block_size<kThreads>() / kThreads;
+  const int lane = threadIdx.x % kThreads;
+  const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreads;
+  if (row >= a.num_rows) return;
+  const scalar_t* x = a.logits + row * a.logits_stride;
+  scalar_t* g = a.grad + row * a.num_classes;
+  const acc_t lse = a.lse[row], h = a.entropy[row], gh = a.grad_entropy[row * a.grad_entropy_stride];
+  auto grad_at = [&](acc_t z) -> acc_t {
+    if (gh == acc_t(0)) return acc_t(0);
+    const acc_t p = exp_(z - lse);
+    return p == acc_t(0) ? acc_t(0) : entropy_grad_value(p, z, lse, h, gh);  // p = 0: 0, not 0 * inf
+  };
+  const bool aligned_out = reinterpret_cast<uintptr_t>(g) % 16 == reinterpret_cast<uintptr_t>(x) % 16;
+  for_each_owned<scalar_t, kThreads>(
+      split_row(x, a.num_classes), a.num_classes, lane,
+      [&](int64_t c0) {
+        const auto pk = *reinterpret_cast<const Pack<scalar_t, W>*>(x + c0);
+        Pack<scalar_t, W> res;
+#pragma unroll
+        for (int k = 0; k < W; ++k) res.v[k] = static_cast<scalar_t>(grad_at(static_cast<acc_t>(pk.v[k])));
+        if (aligned_out) {
+          *reinterpret_cast<Pack<scalar_t, W>*>(g + c0) = res;
+        } else {
+#pragma unroll
+          for (int k = 0; k < W; ++k) g[c0 + k] = res.v[k];
+        }
+      },
+      [&](int64_t c) { g[c] = static_cast<scalar_t>(grad_at(static_cast<acc_t>(x[c]))); });
+}
+
 // rows[i] *= scale[i], skipping rows whose scale is exactly 1 (a plain
 // loss.backward()), so that case costs one read of scale per row.
 template <typename scalar_t>
@@ -341,6 +423,16 @@ void dispatch_row_kernel(const RowProblem<scalar_t>& p, int threads, Fn&& fn) {
     case 32: with_mode(std::integral_constant<int, 32>{}); break;
     case 256: with_mode(std::integral_constant<int, 256>{}); break;
     default: with_mode(std::integral_constant<int, 512>{}); break;
+  }
+}
+
+// The same for kernels without a target mode (entropy).
+template <typename Fn>
+void dispatch_threads(int threads, Fn&& fn) {
+  switch (threads) {
+    case 32: fn(std::integral_constant<int, 32>{}); break;
+    case 256: fn(std::integral_constant<int, 256>{}); break;
+    default: fn(std::integral_constant<int, 512>{}); break;
   }
 }
 

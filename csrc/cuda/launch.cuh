@@ -65,11 +65,35 @@ void launch_scale_rows(scalar_t* rows, int64_t num_rows, int64_t num_classes, in
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename scalar_t>
+void launch_entropy_forward(const EntropyArgs<scalar_t>& a, cudaStream_t stream) {
+  if (a.num_rows == 0) return;
+  dispatch_threads(threads_per_row(a.num_classes), [&](auto threads) {
+    constexpr int kThreads = decltype(threads)::value;
+    entropy_forward_kernel<scalar_t, kThreads>
+        <<<row_blocks<kThreads>(a.num_rows), block_size<kThreads>(), 0, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+template <typename scalar_t>
+void launch_entropy_backward(const EntropyArgs<scalar_t>& a, cudaStream_t stream) {
+  if (a.num_rows == 0) return;
+  dispatch_threads(threads_per_row(a.num_classes), [&](auto threads) {
+    constexpr int kThreads = decltype(threads)::value;
+    entropy_backward_kernel<scalar_t, kThreads>
+        <<<row_blocks<kThreads>(a.num_rows), block_size<kThreads>(), 0, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 #define FUSED_CE_INSTANTIATE_CUDA_KERNELS(scalar_t)                                                                   \
   template void launch_forward<scalar_t>(const RowProblem<scalar_t>&, const ForwardOutputs<acc_type<scalar_t>>&,      \
                                          const GradInForward<scalar_t>&, cudaStream_t);                               \
   template void launch_backward<scalar_t>(const RowProblem<scalar_t>&, const BackwardInputs<acc_type<scalar_t>>&,     \
                                           scalar_t*, int64_t, cudaStream_t);                                          \
+  template void launch_entropy_forward<scalar_t>(const EntropyArgs<scalar_t>&, cudaStream_t);                         \
+  template void launch_entropy_backward<scalar_t>(const EntropyArgs<scalar_t>&, cudaStream_t);                        \
   template void launch_scale_rows<scalar_t>(scalar_t*, int64_t, int64_t, int64_t, const acc_type<scalar_t>*, int64_t, \
                                             cudaStream_t);
 

@@ -75,6 +75,28 @@ template <typename scalar_t>
 void launch_backward(const RowProblem<scalar_t>& problem, const BackwardInputs<acc_type<scalar_t>>& in, scalar_t* grad,
                      int64_t grad_stride, cudaStream_t stream);
 
+// Entropy of softmax rows: forward writes entropy and lse, backward reads them
+// with grad_entropy and writes grad [num_rows, num_classes] (contiguous).
+template <typename scalar_t>
+struct EntropyArgs {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t* logits;
+  int64_t logits_stride;
+  int64_t num_rows;
+  int64_t num_classes;
+  acc_t* entropy;
+  acc_t* lse;
+  const acc_t* grad_entropy = nullptr;
+  int64_t grad_entropy_stride = 0;
+  scalar_t* grad = nullptr;
+};
+
+template <typename scalar_t>
+void launch_entropy_forward(const EntropyArgs<scalar_t>& args, cudaStream_t stream);
+
+template <typename scalar_t>
+void launch_entropy_backward(const EntropyArgs<scalar_t>& args, cudaStream_t stream);
+
 template <typename scalar_t>
 void launch_scale_rows(scalar_t* rows, int64_t num_rows, int64_t num_classes, int64_t stride,
                        const acc_type<scalar_t>* scale, int64_t scale_stride, cudaStream_t stream);

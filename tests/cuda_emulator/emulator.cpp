@@ -1,12 +1,15 @@
 // The CUDA kernels of csrc/cuda/kernels.cuh, run on the CPU through cuda_shim.h,
 // with the threads-per-row mapping chosen by the caller so that every mapping is
 // exercised on small shapes. Built by tests/test_cuda_emulated.py.
+// clang-format off
+#include "cuda_shim.h"  // first: it defines the CUDA keywords kernels.cuh uses
+// clang-format on
+
 #include <ATen/Dispatch.h>
 #include <torch/extension.h>
 
 #include "cuda/kernels.cuh"
 #include "cuda/problem.h"
-#include "cuda_shim.h"  // first: it defines the CUDA keywords kernels.cuh uses
 
 namespace fused_ce::cuda {
 
@@ -101,6 +104,28 @@ std::vector<at::Tensor> fused(const at::Tensor& logits, const at::Tensor& target
   return {objective, lse, mass, grad};
 }
 
+std::vector<at::Tensor> entropy(const at::Tensor& logits, const at::Tensor& grad_entropy, int64_t threads) {
+  check_entropy_args(logits);
+  const auto opts = logits.options().dtype(accumulate_type(logits.scalar_type()));
+  at::Tensor entropy = at::empty({logits.size(0)}, opts), lse = at::empty_like(entropy);
+  at::Tensor grad = at::empty(logits.sizes(), logits.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "emulated_entropy", [&] {
+    using acc_t = acc_type<scalar_t>;
+    EntropyArgs<scalar_t> a{logits.const_data_ptr<scalar_t>(), logits.stride(0),     logits.size(0), logits.size(1),
+                            entropy.data_ptr<acc_t>(),         lse.data_ptr<acc_t>()};
+    a.grad_entropy = grad_entropy.const_data_ptr<acc_t>();
+    a.grad_entropy_stride = grad_entropy.stride(0);
+    a.grad = grad.data_ptr<scalar_t>();
+    dispatch_threads(threads, [&](auto th) {
+      using T = decltype(th);
+      const int64_t blocks = (a.num_rows + rows_per_block<T>() - 1) / rows_per_block<T>();
+      emu::launch(blocks, block_size<T::value>(), entropy_forward_kernel<scalar_t, T::value>, a);
+      emu::launch(blocks, block_size<T::value>(), entropy_backward_kernel<scalar_t, T::value>, a);
+    });
+  });
+  return {entropy, lse, grad};
+}
+
 void scale_rows(at::Tensor rows, const at::Tensor& scale) {
   check_scale_rows_args(rows, scale);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rows.scalar_type(), "emulated_scale_rows", [&] {
@@ -117,4 +142,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &fused_ce::cuda::backward);
   m.def("fused", &fused_ce::cuda::fused);
   m.def("scale_rows", &fused_ce::cuda::scale_rows);
+  m.def("entropy", &fused_ce::cuda::entropy);
 }
