@@ -178,6 +178,11 @@ class _Rows:
         return self.valid.to(dtype)
 
 
+def _masked_square(lse: Tensor, info: "_Rows") -> Tensor:
+    """lse**2 on the rows that count, 0 elsewhere (also where an ignored row's lse is not finite)."""
+    return lse.square() if info.valid is None else torch.where(info.valid, lse, 0.0).square()
+
+
 def _safe_inverse(denominator, dtype: torch.dtype):
     """1 / denominator, but 0 where it is 0: the loss of 'mean' is then NaN (added by
     _nan_if_empty), as in PyTorch, while the gradient stays 0 -- also as in PyTorch."""
@@ -285,14 +290,14 @@ def cross_entropy(
     loss, lse, _mass = torch.ops.fused_ce.cross_entropy_forward(logits, rows, weight, ignore_index, smoothing, cap)
     if reduction == "none":
         if z_loss:
-            loss = loss + z_loss * lse.square() * info.mask(lse.device, lse.dtype)
+            loss = loss + z_loss * _masked_square(lse, info)
         out = loss.reshape(batch_shape).to(input.dtype)
     else:
         total = loss.sum()
         if reduction == "mean":
             total = _nan_if_empty(total * _safe_inverse(info.denominator, total.dtype), info.denominator)
         if z_loss:
-            z_total = (lse.square() * info.mask(lse.device, lse.dtype)).sum()
+            z_total = _masked_square(lse, info).sum()
             if reduction == "mean":
                 z_total = z_total * _safe_inverse(info.count, z_total.dtype)
             total = total + z_loss * z_total

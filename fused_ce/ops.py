@@ -178,11 +178,15 @@ def _fused_setup_context(ctx, inputs, output):
     ctx.num_inputs = len(inputs)
     ctx.grad_buffer_used = False
     ctx.mark_non_differentiable(lse, mass, grad)
+    # Otherwise autograd would zero-fill an N x V gradient for the `grad` output.
+    ctx.set_materialize_grads(False)
 
 
-def _fused_backward(ctx, grad_objective: Tensor, _grad_lse, _grad_mass, _grad_grad):
-    logits, target, weight, row_scale, z_scale, lse, mass, grad = ctx.saved_tensors
+def _fused_backward(ctx, grad_objective: Tensor | None, _grad_lse, _grad_mass, _grad_grad):
     no_grads = (None,) * (ctx.num_inputs - 1)
+    if grad_objective is None:
+        return (None,) + no_grads
+    logits, target, weight, row_scale, z_scale, lse, mass, grad = ctx.saved_tensors
     g = grad_objective.to(lse.dtype)
     if torch.is_grad_enabled():  # create_graph=True
         z_coef = None if z_scale is None else 2 * g * z_scale
