@@ -221,5 +221,9 @@ setup(
     cmdclass={"build_ext": BuildWithCpuIsas.with_options(no_python_abi_suffix=True)},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
-    extras_require={"test": ["pytest", "hypothesis"]},
+    extras_require={
+        "test": ["pytest", "hypothesis"],
+        "plot": ["matplotlib"],  # fused_ce.analyze --plot, fused_ce.bench --plot, the example
+        "hf": ["transformers"],  # fused_ce.integrations.transformers
+    },
 )
