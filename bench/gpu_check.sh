@@ -69,17 +69,27 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 "$PY" -c 'import fused_ce, torch; print("CUDA kernels:", fused_ce.cuda_kernels_available(), "GPU:", torch.cuda.is_available())' 2>&1 | tee -a "$LOG"
 
-# 2. The CUDA tests (every test parametrised over devices has a cuda case).
-step tests 240 tests.log "$PY" -m pytest tests -q -k cuda -p no:cacheprovider --junitxml="$OUT/tests.xml"
+# 2. The CUDA tests (every test parametrised over devices has a cuda case). The CPU
+#    emulation of the CUDA kernels is left out: the real ones run here.
+step tests 180 tests.log "$PY" -m pytest tests -q -k cuda --ignore=tests/test_cuda_emulated.py -p no:cacheprovider \
+  --junitxml="$OUT/tests.xml"
 
-# 3. compute-sanitizer over a small CUDA subset: each tool replays every kernel,
-#    so the subset is small shapes only.
-SUBSET=(tests/test_ops.py -q -x -k "cuda" -p no:cacheprovider)
+# 3. compute-sanitizer over small CUDA subsets (small shapes: every access is
+#    instrumented): memcheck over the op tests, racecheck and initcheck over opcheck
+#    of every op (each op's kernels, every mapping of threads to rows).
+SANITIZER_RUNS=(
+  "memcheck 120 tests/test_ops.py"
+  "racecheck 60 tests/test_extras.py"
+  "initcheck 60 tests/test_extras.py"
+)
 if command -v compute-sanitizer >/dev/null 2>&1; then
   : >"$OUT/sanitizer.log"
-  for tool in memcheck racecheck initcheck; do
-    step "sanitizer-$tool" 150 "sanitizer-$tool.log" \
-      compute-sanitizer --tool "$tool" --error-exitcode 9 --target-processes all "$PY" -m pytest "${SUBSET[@]}"
+  for run in "${SANITIZER_RUNS[@]}"; do
+    read -r tool limit file <<<"$run"
+    filter=cuda
+    [ "$tool" = memcheck ] || filter="cuda and opcheck"
+    step "sanitizer-$tool" "$limit" "sanitizer-$tool.log" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+      --target-processes all "$PY" -m pytest "$file" -q -x -k "$filter" -p no:cacheprovider
     cat "$OUT/sanitizer-$tool.log" >>"$OUT/sanitizer.log"
     rm -f "$OUT/sanitizer-$tool.log"
   done
@@ -91,7 +101,7 @@ fi
 # 4. The benchmark, with its JSON.
 BENCH_ARGS=(--json "$OUT/bench.json" --no-progress)
 [ "$DRY_RUN" = 1 ] && BENCH_ARGS+=(--quick)
-step bench 360 bench.log "$PY" -m fused_ce.bench "${BENCH_ARGS[@]}"
+step bench 300 bench.log "$PY" -m fused_ce.bench "${BENCH_ARGS[@]}"
 
 if [ ${#failed[@]} -gt 0 ]; then
   say "FAILED: ${failed[*]}"
