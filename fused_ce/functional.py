@@ -274,16 +274,15 @@ def cross_entropy(
     # forward, gradient in backward: 2 reads + 1 write) is cheaper than the fused
     # one would be there (fused forward, then a scaled copy).
     if wants_grad and not return_lse and not target.requires_grad and not torch.compiler.is_compiling():
-        if inplace_backward and input.is_leaf:
-            raise ValueError(
-                "inplace_backward=True would overwrite input with its gradient, but input is a leaf tensor "
-                "that requires grad; use it on logits computed by the model (e.g. the output of the LM head)"
-            )
+        if inplace_backward:
+            _check_inplace(input)
         # In place, the gradient goes into the input's own buffer when the rows are a
         # view of it; otherwise into the copy _as_rows made (still no second buffer).
         inplace_target = None
         if inplace_backward:
-            inplace_target = input if logits.untyped_storage().data_ptr() == input.untyped_storage().data_ptr() else logits
+            shares = logits.untyped_storage().data_ptr() == input.untyped_storage().data_ptr()
+            class_dim = 0 if input.dim() == 1 else 1
+            inplace_target = (input, class_dim) if shares else (logits, 1)
         return _fused(logits, rows, weight, info, ignore_index, smoothing, cap, z_loss, reduction, batch_shape,
                       input.dtype, inplace_target)
 
@@ -308,8 +307,9 @@ def cross_entropy(
 def _fused(logits, rows, weight, info, ignore_index, smoothing, cap, z_loss, reduction, batch_shape, dtype, inplace):
     """The training path: the loss and its gradient in one kernel (see ops.py).
 
-    inplace: None, or the tensor whose buffer the gradient overwrites: the input the
-    rows ``logits`` view, or ``logits`` itself when _as_rows copied.
+    inplace: None, or (the tensor whose buffer the gradient overwrites, its class
+    dimension): the input the rows ``logits`` view, or ``logits`` itself when
+    _as_rows copied.
     """
     mask = info.mask(logits.device, accumulate_dtype(logits.dtype))
     row_scale = mask if reduction != "mean" else mask * _safe_inverse(info.denominator, mask.dtype)
@@ -318,7 +318,7 @@ def _fused(logits, rows, weight, info, ignore_index, smoothing, cap, z_loss, red
         z_scale = z_loss * mask if reduction != "mean" else (z_loss * _safe_inverse(info.count, mask.dtype)) * mask
     args = (rows, weight, row_scale.contiguous(), z_scale, ignore_index, smoothing, cap)
     if inplace is not None:
-        objective = _fused_inplace(inplace, logits.shape, args)
+        objective = _fused_inplace(*inplace, args)
     else:
         objective, _lse, _mass, _grad = torch.ops.fused_ce.cross_entropy_fused(logits, *args)
     if reduction == "none":
@@ -329,7 +329,32 @@ def _fused(logits, rows, weight, info, ignore_index, smoothing, cap, z_loss, red
     return total.to(dtype)
 
 
-def _fused_inplace(buffer: Tensor, rows_shape, args) -> Tensor:
+def _check_inplace(input: Tensor) -> None:
+    """Refuses, before anything is written, what autograd or the memory layout would not allow."""
+    if input.is_leaf:
+        raise ValueError(
+            "inplace_backward=True would overwrite input with its gradient, but input is a leaf tensor "
+            "that requires grad; use it on logits computed by the model (e.g. the output of the LM head)"
+        )
+    base = input._base
+    if base is not None and base.is_leaf and base.requires_grad:
+        raise ValueError(
+            "inplace_backward=True would overwrite input with its gradient, but input is a view of a leaf "
+            "tensor that requires grad"
+        )
+    if torch._debug_has_internal_overlap(input) == 1:  # 1: overlaps for sure (e.g. stride 0); 2: unknown
+        raise ValueError(
+            "inplace_backward=True needs input whose elements do not share memory (not, e.g., an expand()); "
+            "pass input.contiguous() or use inplace_backward=False"
+        )
+
+
+def _rows_view(t: Tensor, class_dim: int) -> Tensor:
+    """The rows [N, C] of t as _as_rows makes them; a view when _as_rows made one."""
+    return t.movedim(class_dim, -1).reshape(-1, t.shape[class_dim])
+
+
+def _fused_inplace(buffer: Tensor, class_dim: int, args) -> Tensor:
     """cross_entropy_fused_ with autograd: the gradient overwrites the logits.
 
     A mutating op cannot carry torch.library autograd, and autograd lets a Function
@@ -344,14 +369,14 @@ def _fused_inplace(buffer: Tensor, rows_shape, args) -> Tensor:
     a view makes autograd route the gradient through a CopySlices node, which copies it.
     """
     objective_box: list[Tensor] = []
-    grad = _GradIntoLogits.apply(buffer, rows_shape, objective_box, *args)
-    return _ObjectiveOf.apply(objective_box[0], grad, rows_shape)
+    grad = _GradIntoLogits.apply(buffer, class_dim, objective_box, *args)
+    return _ObjectiveOf.apply(objective_box[0], grad, class_dim)
 
 
 class _GradIntoLogits(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, buffer, rows_shape, objective_box, *args):
-        objective, _lse, _mass = torch.ops.fused_ce.cross_entropy_fused_(buffer.view(rows_shape), *args)
+    def forward(ctx, buffer, class_dim, objective_box, *args):
+        objective, _lse, _mass = torch.ops.fused_ce.cross_entropy_fused_(_rows_view(buffer, class_dim), *args)
         objective_box.append(objective)
         ctx.mark_dirty(buffer)
         return buffer
@@ -363,9 +388,9 @@ class _GradIntoLogits(torch.autograd.Function):
 
 class _ObjectiveOf(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, objective, grad, rows_shape):
+    def forward(ctx, objective, grad, class_dim):
         ctx.save_for_backward(grad)
-        ctx.rows_shape = rows_shape
+        ctx.class_dim = class_dim
         ctx.grad_buffer_used = False
         return objective.clone()
 
@@ -382,7 +407,8 @@ class _ObjectiveOf(torch.autograd.Function):
         # Only rows whose upstream gradient is not exactly 1 are scaled; with the
         # logits gone they cannot be recomputed, so in float16/bfloat16 such rows are
         # rounded twice (see the README).
-        torch.ops.fused_ce.scale_rows_(grad.view(ctx.rows_shape), grad_objective.to(accumulate_dtype(grad.dtype)))
+        rows = _rows_view(grad, ctx.class_dim)
+        torch.ops.fused_ce.scale_rows_(rows, grad_objective.to(accumulate_dtype(grad.dtype)))
         return None, grad, None
 
 

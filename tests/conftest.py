@@ -7,6 +7,7 @@ run still shows what it did not cover.
 
 from __future__ import annotations
 
+import os
 import zlib
 
 import pytest
@@ -49,3 +50,50 @@ def _restore_target_validation():
     saved = fused_ce.functional._validate_targets
     yield
     fused_ce.set_target_validation(saved)
+
+
+# -- budgets: property-based examples and slow tests ------------------------------------------
+#
+# CI runs a bounded, derandomised hypothesis budget (the same examples every run) and
+# skips the tests marked `slow`. A thorough run raises both:
+#
+#     pytest tests --hypothesis-examples=2000 --slow
+#     FUSED_CE_HYPOTHESIS_EXAMPLES=2000 FUSED_CE_SLOW=1 pytest tests
+#
+# With an explicit budget the examples are drawn at random (a failure prints the
+# `@reproduce_failure` blob and seed to replay it).
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("fused_ce")
+    group.addoption(
+        "--hypothesis-examples",
+        type=int,
+        default=None,
+        help="examples per property-based test (default: each test's CI budget, derandomised); "
+        "also FUSED_CE_HYPOTHESIS_EXAMPLES",
+    )
+    group.addoption(
+        "--slow", action="store_true", default=False, help="run the tests marked slow (also FUSED_CE_SLOW=1)"
+    )
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long or memory-hungry; runs only with --slow or FUSED_CE_SLOW=1")
+    examples = config.getoption("--hypothesis-examples", default=None)
+    if examples is not None:
+        # Read by the property-based test modules when they are imported (after this hook).
+        os.environ["FUSED_CE_HYPOTHESIS_EXAMPLES"] = str(examples)
+
+
+def run_slow(config) -> bool:
+    return bool(config.getoption("--slow", default=False)) or os.environ.get("FUSED_CE_SLOW", "0") not in ("", "0")
+
+
+def pytest_collection_modifyitems(config, items):
+    if run_slow(config):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --slow or FUSED_CE_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -108,6 +108,8 @@ FUSED_CE_HOST_DEVICE RowStats<acc_t> merge(RowStats<acc_t> a, RowStats<acc_t> b)
 
 // The contribution T * (max - z) of one target entry; 0 when T is 0 (as xlogy
 // defines 0 * log 0), so masked logits (-inf) outside the target stay harmless.
+// (PyTorch computes 0 * inf = NaN for a zero class weight or a zero probability
+// on a -inf logit: a documented difference.)
 template <typename acc_t>
 FUSED_CE_HOST_DEVICE acc_t target_gap(acc_t t, acc_t row_max, acc_t z) {
   return t == acc_t(0) ? acc_t(0) : t * (row_max - z);
@@ -125,10 +127,25 @@ FUSED_CE_HOST_DEVICE acc_t row_lse(const RowStats<acc_t>& s) {
   return s.max + log_(s.sum);
 }
 
+// The loss of a row that is not ignored (an ignored row's is 0, whatever its
+// logits hold: the kernels write that themselves). A row whose logits are all -inf
+// has no softmax: NaN, as in PyTorch, also where the target mass is 0; and as in
+// PyTorch a NaN logit makes even a zero-mass row NaN (0 * NaN).
 template <typename acc_t>
 FUSED_CE_HOST_DEVICE acc_t row_loss(const RowStats<acc_t>& s) {
-  // An all-zero target (an ignored row) has loss 0 whatever its logits hold.
-  return s.mass == acc_t(0) ? acc_t(0) : s.mass * log_(s.sum) + s.gap;
+  if (s.max == neg_inf<acc_t>()) return s.max - s.max;  // NaN
+  return s.mass * log_(s.sum) + s.gap;
+}
+
+FUSED_CE_HOST_DEVICE bool finite_(float x) { return std::isfinite(x); }
+FUSED_CE_HOST_DEVICE bool finite_(double x) { return std::isfinite(x); }
+
+// Whether a row's gradient is exactly 0 without computing it: no coefficient
+// reaches the softmax or the target, and the softmax is finite (NaN or infinite
+// logits give a NaN gradient even with zero coefficients, as PyTorch's 0 * NaN).
+template <typename acc_t>
+FUSED_CE_HOST_DEVICE bool gradient_is_zero(acc_t p_coef, acc_t t_coef, bool ignored, acc_t lse) {
+  return p_coef == acc_t(0) && (ignored || t_coef == acc_t(0)) && finite_(lse);
 }
 
 // Entropy H = -sum_c p_c log p_c of softmax(z), online like the lse:

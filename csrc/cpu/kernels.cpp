@@ -243,7 +243,7 @@ struct Problem {
   // its gradient is written, and zy was read before any.
   void row_grad(const Row& r, const scalar_t* x, scalar_t* g, acc_t zy, acc_t lse, acc_t pc, acc_t tc, acc_t* z,
                 acc_t* t) const {
-    if (pc == acc_t(0) && (r.ignored || tc == acc_t(0))) {
+    if (gradient_is_zero(pc, tc, r.ignored, lse)) {
       // Nothing flows into this row (an ignored row, or a zero upstream gradient).
       std::fill(g, g + num_classes, scalar_t(0));
       return;
@@ -299,7 +299,7 @@ void forward_impl(const KernelArgs& args, at::Tensor& loss_out, at::Tensor& lse_
       const auto r = p.row(i);
       const acc_t zy = r.index >= 0 ? p.logit(x, r.index) : acc_t(0);
       const RowStats<acc_t> st = p.row_stats(r, x, zy, z.data(), t.data());
-      const acc_t row_lse_i = row_lse(st), row_loss_i = row_loss(st);
+      const acc_t row_lse_i = row_lse(st), row_loss_i = r.ignored ? acc_t(0) : row_loss(st);
       lse[i] = row_lse_i;
       if (mass) mass[i] = st.mass;
       if (!grad) {

@@ -213,7 +213,7 @@ __device__ __forceinline__ void write_row_grad(const RowContext<scalar_t>& ctx, 
   using acc_t = acc_type<scalar_t>;
   constexpr int W = kVecWidth<scalar_t>;
   const RowProblem<scalar_t>& p = ctx.p;
-  const bool zero_row = p_coef == acc_t(0) && (ctx.ignored || t_coef == acc_t(0));
+  const bool zero_row = gradient_is_zero(p_coef, t_coef, ctx.ignored, lse);
   const acc_t nan = acc_t(__int_as_float(0x7fffffff));
 
   auto grad_at = [&](acc_t z, int64_t c) -> acc_t {
@@ -283,7 +283,7 @@ __global__ void __launch_bounds__(block_size<kThreads>())
   s = merge_row<kThreads>(s);  // every thread of the row holds the row's statistics now
   if (ctx.index >= 0) add_target(s, acc_t(p.on_target * ctx.weight(ctx.index)), zy);
   const acc_t lse = row_lse(s);
-  acc_t reported = row_loss(s);
+  acc_t reported = ctx.ignored ? acc_t(0) : row_loss(s);
   if constexpr (kWithGrad) {
     const acc_t row_scale = with_grad.row_scale[row];
     const acc_t z_scale = with_grad.z_scale ? with_grad.z_scale[row] : acc_t(0);
