@@ -18,15 +18,21 @@ except ImportError as e:  # pragma: no cover - depends on the build
 from . import ops  # noqa: F401,E402  -- fake kernels and autograd of the ops
 from .functional import cross_entropy, entropy, focal_loss, set_target_validation  # noqa: E402
 from .modules import CrossEntropyLoss  # noqa: E402
+from .linear import LinearCrossEntropyLoss, linear_cross_entropy  # noqa: E402
 from .ops import cuda_kernels_available  # noqa: E402
+from .distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CrossEntropyLoss",
+    "LinearCrossEntropyLoss",
     "cross_entropy",
     "cuda_kernels_available",
     "entropy",
     "focal_loss",
+    "linear_cross_entropy",
     "set_target_validation",
+    "vocab_parallel_cross_entropy",
+    "vocab_parallel_linear_cross_entropy",
 ]

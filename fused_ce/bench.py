@@ -58,6 +58,26 @@ JSON (``--json PATH``)::
 
 Rows hold the implementations that ran; the skipped ones are listed in ``meta.skipped``.
 
+Linear + cross-entropy (``--linear``)
+    ``fused_ce.linear_cross_entropy`` against the implementations of ``LINEAR_IMPLS``:
+    ``torch`` (``F.cross_entropy(F.linear(x, W), target)``, the full logits);
+    ``torch.chunked`` (``F.linear_cross_entropy(..., options=LinearCrossEntropyOptions())``,
+    torch >= 2.13); on CUDA ``liger`` (Liger-Kernel's
+    ``LigerFusedLinearCrossEntropyLoss``) and ``cce`` (Apple's cut-cross-entropy
+    ``linear_cross_entropy``) when importable -- each skipped with the reason
+    otherwise. Inputs: ``x [N, D]`` and ``W [V, D]`` (leaves; ``W`` scaled by
+    ``D**-0.5``), no bias, class-index targets, ``reduction="mean"``. ``fwd+bwd``
+    computes the gradients of ``x`` and ``W``. ``--shapes`` takes ``NxDxV``;
+    defaults: CPU 4096x256x32000 float32, CUDA 8192x2304x256000 bfloat16.
+
+    The rows carry ``"op": "linear_cross_entropy"`` and ``"D"``; ``gbps`` is null (the
+    op is bound by its matmuls, not by memory traffic) and ``tflops`` counts the
+    matmuls (``2*N*D*V`` per pass over the logits: one in ``fwd``, three in
+    ``fwd+bwd``). ``workspace_mb`` is ``peak_mem_mb`` less the gradients the call
+    leaves in ``.grad`` (the same for every implementation): the memory an
+    implementation needs beyond its inputs and outputs. The table adds a ``vs
+    chunked`` column: ``torch.chunked``'s median time over the implementation's.
+
 Adding an implementation: register a builder that turns a :class:`Case` into a
 function ``(logits, target) -> loss``, e.g. for a new flag of fused_ce::
 
@@ -71,6 +91,7 @@ A builder raises :class:`ImplUnavailable` for a case it cannot run.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import gc
 import json
@@ -117,7 +138,14 @@ DEFAULTS = {
 }
 QUICK = {"shapes": [(256, 4096)], "reps": 3, "warmup": 1}  # dtypes: the device's defaults
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
+# --linear: the shapes (N, D, V) and dtypes by default.
+LINEAR_DEFAULTS = {
+    "cpu": {"shapes": [(4096, 256, 32000)], "dtypes": [torch.float32]},
+    "cuda": {"shapes": [(8192, 2304, 256000)], "dtypes": [torch.bfloat16]},
+}
+LINEAR_QUICK = {"shapes": [(256, 64, 4096)], "reps": 3, "warmup": 1}
+
+LossFn = Callable[..., Tensor]  # (logits, target) -> loss; --linear: (x, W, target) -> loss
 
 
 # --------------------------------------------------------------------------- cases
@@ -132,6 +160,11 @@ class Case:
     v: int
     dtype: torch.dtype
     device: torch.device
+    d: int = 0  # linear_cross_entropy: the hidden size D (0 for cross_entropy)
+
+    @property
+    def linear(self) -> bool:
+        return self.op == "linear_cross_entropy"
 
     @property
     def dtype_name(self) -> str:
@@ -139,16 +172,34 @@ class Case:
 
     @property
     def label(self) -> str:
-        return f"{self.n}x{self.v} {self.dtype_name}"
+        shape = f"{self.n}x{self.d}x{self.v}" if self.linear else f"{self.n}x{self.v}"
+        return f"{shape} {self.dtype_name}"
 
-    def counted_bytes(self, pass_: str) -> int:
-        """The op's memory traffic floor: read the logits once, and write the gradient once."""
+    def counted_bytes(self, pass_: str) -> int | None:
+        """The op's memory traffic floor: read the logits once, and write the gradient once (None for --linear)."""
+        if self.linear:
+            return None
         passes_over_logits = 1 if pass_ == "fwd" else 2
         return passes_over_logits * self.n * self.v * self.dtype.itemsize
 
-    def make_inputs(self) -> tuple[Tensor, Tensor]:
-        """Random logits [N, V] (a leaf) and class-index targets in [0, V)."""
+    def counted_flops(self, pass_: str) -> int | None:
+        """--linear: the matmuls' FLOPs, 2*N*D*V each (one in fwd, three in fwd+bwd)."""
+        if not self.linear:
+            return None
+        return (1 if pass_ == "fwd" else 3) * 2 * self.n * self.d * self.v
+
+    def make_inputs(self) -> tuple[Tensor, ...]:
+        """Random logits [N, V] (a leaf) and class-index targets in [0, V).
+
+        --linear: x [N, D] and W [V, D] (leaves, W scaled by D**-0.5 so the logits
+        have unit variance) and the targets.
+        """
         generator = torch.Generator(self.device).manual_seed(0)
+        if self.linear:
+            x = torch.randn(self.n, self.d, dtype=self.dtype, device=self.device, generator=generator)
+            w = torch.randn(self.v, self.d, device=self.device, generator=generator).mul_(self.d**-0.5).to(self.dtype)
+            target = torch.randint(0, self.v, (self.n,), device=self.device, generator=generator)
+            return x, w, target
         logits = torch.randn(self.n, self.v, dtype=self.dtype, device=self.device, generator=generator)
         target = torch.randint(0, self.v, (self.n,), device=self.device, generator=generator)
         return logits, target
@@ -163,26 +214,47 @@ class Result:
     impl: str
     ms: float | None = None
     peak_mem_mb: float | None = None
+    grad_mb: float | None = None  # the gradients the call left in .grad (part of peak_mem_mb)
     skipped: str | None = None
 
     @property
     def gbps(self) -> float | None:
-        if self.ms is None:
+        counted = self.case.counted_bytes(self.pass_)
+        if self.ms is None or counted is None:
             return None
-        return self.case.counted_bytes(self.pass_) / (self.ms * 1e-3) / GB
+        return counted / (self.ms * 1e-3) / GB
+
+    @property
+    def tflops(self) -> float | None:
+        flops = self.case.counted_flops(self.pass_)
+        if self.ms is None or flops is None:
+            return None
+        return flops / (self.ms * 1e-3) / 1e12
+
+    @property
+    def workspace_mb(self) -> float | None:
+        if self.peak_mem_mb is None or self.grad_mb is None:
+            return None
+        return self.peak_mem_mb - self.grad_mb
 
     def _keys(self) -> dict:
         c = self.case
-        return {"op": c.op, "pass": self.pass_, "impl": self.impl, "N": c.n, "V": c.v, "dtype": c.dtype_name}
+        keys = {"op": c.op, "pass": self.pass_, "impl": self.impl, "N": c.n, "V": c.v, "dtype": c.dtype_name}
+        if c.linear:
+            keys["D"] = c.d
+        return keys
 
     def row(self) -> dict:
         """The JSON row of a result that ran."""
-        return {
+        row = {
             **self._keys(),
             "ms": _round(self.ms, 4),
             "gbps": _round(self.gbps, 2),
             "peak_mem_mb": _round(self.peak_mem_mb, 1),
         }
+        if self.case.linear:
+            row.update(tflops=_round(self.tflops, 3), workspace_mb=_round(self.workspace_mb, 1))
+        return row
 
     def skip_record(self) -> dict:
         """The ``meta.skipped`` entry of a result that did not run."""
@@ -202,16 +274,22 @@ class ImplUnavailable(Exception):
 
 ImplBuilder = Callable[[Case], LossFn]
 IMPLS: dict[str, ImplBuilder] = {}
+LINEAR_IMPLS: dict[str, ImplBuilder] = {}  # --linear: builders of (x, W, target) -> loss
 
 
-def register_impl(name: str) -> Callable[[ImplBuilder], ImplBuilder]:
-    """Registers ``builder(case) -> (logits, target) -> loss`` under ``name``."""
+def register_impl(name: str, registry: dict[str, ImplBuilder] = IMPLS) -> Callable[[ImplBuilder], ImplBuilder]:
+    """Registers ``builder(case) -> (logits, target) -> loss`` under ``name`` (in ``registry``)."""
 
     def decorator(builder: ImplBuilder) -> ImplBuilder:
-        IMPLS[name] = builder
+        registry[name] = builder
         return builder
 
     return decorator
+
+
+def register_linear_impl(name: str) -> Callable[[ImplBuilder], ImplBuilder]:
+    """Registers ``builder(case) -> (x, W, target) -> loss`` for ``--linear``."""
+    return register_impl(name, LINEAR_IMPLS)
 
 
 @register_impl("fused_ce")
@@ -236,12 +314,58 @@ def _torch_compile(case: Case) -> LossFn:
     return torch.compile(F.cross_entropy, dynamic=False)
 
 
+@register_linear_impl("fused_ce")
+def _linear_fused_ce(case: Case) -> LossFn:
+    if case.device.type == "cuda" and not fused_ce.cuda_kernels_available():
+        raise ImplUnavailable("this build of fused_ce has no CUDA kernels")
+    from fused_ce.linear import linear_cross_entropy
+
+    return linear_cross_entropy
+
+
+@register_linear_impl("torch")
+def _linear_torch(case: Case) -> LossFn:
+    return lambda x, w, target: F.cross_entropy(F.linear(x, w), target)
+
+
+@register_linear_impl("torch.chunked")
+def _linear_torch_chunked(case: Case) -> LossFn:
+    if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        raise ImplUnavailable(f"torch {torch.__version__} has no F.linear_cross_entropy (torch >= 2.13)")
+    options = torch.nn.LinearCrossEntropyOptions()
+    return lambda x, w, target: F.linear_cross_entropy(x, w, target, options=options)
+
+
+@register_linear_impl("liger")
+def _linear_liger(case: Case) -> LossFn:
+    if case.device.type != "cuda":
+        raise ImplUnavailable("Liger-Kernel's Triton kernels need a CUDA device")
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError as e:
+        raise ImplUnavailable(f"liger-kernel is not importable ({e})") from None
+    loss = LigerFusedLinearCrossEntropyLoss()
+    return lambda x, w, target: loss(w, x, target)
+
+
+@register_linear_impl("cce")
+def _linear_cce(case: Case) -> LossFn:
+    if case.device.type != "cuda":
+        raise ImplUnavailable("cut-cross-entropy's Triton kernels need a CUDA device")
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce_linear_cross_entropy
+    except ImportError as e:
+        raise ImplUnavailable(f"cut-cross-entropy is not importable ({e})") from None
+    return lambda x, w, target: cce_linear_cross_entropy(x, w, target)
+
+
 def build_impls(case: Case, names: Sequence[str]) -> tuple[dict[str, LossFn], dict[str, str]]:
     """The loss functions of the named implementations for ``case``, and why others are unavailable."""
+    registry = LINEAR_IMPLS if case.linear else IMPLS
     fns, unavailable = {}, {}
     for name in names:
         try:
-            fns[name] = IMPLS[name](case)
+            fns[name] = registry[name](case)
         except Exception as e:  # ImplUnavailable, or a builder that failed
             unavailable[name] = _reason(e)
     return fns, unavailable
@@ -256,17 +380,31 @@ def _reason(error: BaseException) -> str:
 # --------------------------------------------------------------------------- measurement
 
 
-def _call(fn: LossFn, logits: Tensor, target: Tensor, backward: bool) -> None:
+def _call(fn: LossFn, inputs: Sequence[Tensor], backward: bool) -> None:
     """One call as users make it: the loss under no_grad, or the loss and its backward."""
     if backward:
-        fn(logits, target).backward()
+        fn(*inputs).backward()
     else:
         with torch.no_grad():
-            fn(logits, target)
+            fn(*inputs)
+
+
+def _differentiable(inputs: Sequence[Tensor]) -> list[Tensor]:
+    """The inputs that get gradients in fwd+bwd: the floating-point ones but the target (last)."""
+    return [t for t in inputs[:-1] if t.is_floating_point()]
+
+
+def _clear_grads(inputs: Sequence[Tensor]) -> None:
+    for t in _differentiable(inputs):
+        t.grad = None
+
+
+def _grad_mb(inputs: Sequence[Tensor]) -> float:
+    return sum(t.grad.nbytes for t in _differentiable(inputs) if t.grad is not None) / MIB
 
 
 def _timed_round(
-    fns: dict[str, LossFn], order: Sequence[str], logits: Tensor, target: Tensor, backward: bool
+    fns: dict[str, LossFn], order: Sequence[str], inputs: Sequence[Tensor], backward: bool
 ) -> dict[str, float | str]:
     """Calls each implementation once, in ``order``; returns its time in ms, or why it failed.
 
@@ -274,7 +412,8 @@ def _timed_round(
     synchronisation; on the CPU each call is timed with ``time.perf_counter``. The
     gradient is dropped after each call, outside the timed region.
     """
-    cuda = logits.device.type == "cuda"
+    device = inputs[0].device
+    cuda = device.type == "cuda"
     out: dict[str, float | str] = {}
     events = {}
     for name in order:
@@ -282,21 +421,21 @@ def _timed_round(
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                _call(fns[name], logits, target, backward)
+                _call(fns[name], inputs, backward)
                 end.record()
                 events[name] = (start, end)
             else:
                 start_s = time.perf_counter()
-                _call(fns[name], logits, target, backward)
+                _call(fns[name], inputs, backward)
                 out[name] = (time.perf_counter() - start_s) * 1e3
         except Exception as e:  # out of memory, a compiler that fails, ...
             out[name] = _reason(e)
         finally:
-            logits.grad = None
+            _clear_grads(inputs)
         if isinstance(out.get(name), str):
-            _free_memory(logits.device)
+            _free_memory(device)
     if cuda:
-        torch.cuda.synchronize(logits.device)
+        torch.cuda.synchronize(device)
         out.update({name: start.elapsed_time(end) for name, (start, end) in events.items()})
     return out
 
@@ -322,9 +461,13 @@ def _peak_rss_mb(run: Callable[[], None]) -> float | None:
 
     Writing "5" to /proc/self/clear_refs resets the high-water mark ``VmHWM`` to the
     current RSS. This sees the memory an implementation touches and gives back: CPU
-    torch allocates large buffers with mmap and frees them with munmap. Elsewhere: None.
+    torch allocates large buffers with mmap and frees them with munmap. Smaller ones
+    (up to 32 MB, once glibc's dynamic mmap threshold has grown) come from the heap,
+    whose freed pages would stay resident and hide a second call's use of them:
+    ``malloc_trim`` returns them to the system first. Elsewhere: None.
     """
     gc.collect()
+    _malloc_trim()
     try:
         _CLEAR_REFS.write_text("5")
         before = _status_kb("VmRSS")
@@ -332,6 +475,14 @@ def _peak_rss_mb(run: Callable[[], None]) -> float | None:
         return None
     run()
     return (_status_kb("VmHWM") - before) * 1024 / MIB
+
+
+def _malloc_trim() -> None:
+    """glibc: give the heap's free pages back to the system (no-op elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _status_kb(field: str) -> int:
@@ -375,11 +526,12 @@ def _free_memory(device: torch.device) -> None:
 
 
 def bench_pass(
-    case: Case, pass_: str, fns: dict[str, LossFn], logits: Tensor, target: Tensor, args, bar: Progress
+    case: Case, pass_: str, fns: dict[str, LossFn], inputs: Sequence[Tensor], args, bar: Progress
 ) -> dict[str, Result]:
     """Warm-up, interleaved timed reps, then one untimed call per implementation for its peak memory."""
     backward = pass_ == "fwd+bwd"
-    logits.requires_grad_(backward)
+    for t in _differentiable(inputs):
+        t.requires_grad_(backward)
     results = {name: Result(case, pass_, name) for name in fns}
     active = list(fns)
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -388,7 +540,7 @@ def bench_pass(
         stage = f"warm-up {rep + 1}/{args.warmup}" if rep < args.warmup else f"rep {rep - args.warmup + 1}/{args.reps}"
         bar.set_note(f"{pass_} {case.label}: {stage}")
         order = active[rep % len(active) :] + active[: rep % len(active)] if active else []
-        for name, value in _timed_round(fns, order, logits, target, backward).items():
+        for name, value in _timed_round(fns, order, inputs, backward).items():
             if isinstance(value, str):
                 results[name].skipped = value
                 active.remove(name)
@@ -400,14 +552,16 @@ def bench_pass(
     for name in active:
         results[name].ms = statistics.median(times[name])
         try:
-            results[name].peak_mem_mb = measure_peak_mb(lambda: _call(fns[name], logits, target, backward), case.device)
+            results[name].peak_mem_mb = measure_peak_mb(lambda: _call(fns[name], inputs, backward), case.device)
+            results[name].grad_mb = _grad_mb(inputs)
         except Exception:  # e.g. out of memory: the timing stands, the peak stays unknown
             results[name].peak_mem_mb = None
         finally:
-            logits.grad = None
+            _clear_grads(inputs)
             _free_memory(case.device)
     bar.update(len(fns))
-    logits.requires_grad_(False)
+    for t in _differentiable(inputs):
+        t.requires_grad_(False)
     return results
 
 
@@ -417,7 +571,7 @@ def run_case(case: Case, args, bar: Progress) -> list[Result]:
     by_key: dict[tuple[str, str], Result] = {}
     bar.set_note(f"{case.label}: inputs")
     try:
-        logits, target = case.make_inputs()
+        inputs = case.make_inputs()
     except Exception as e:  # out of memory
         reason = _reason(e)
         by_key = {(p, name): Result(case, p, name, skipped=reason) for p in args.passes for name in args.impls}
@@ -427,16 +581,22 @@ def run_case(case: Case, args, bar: Progress) -> list[Result]:
         for pass_ in args.passes:
             by_key.update({(pass_, name): Result(case, pass_, name, skipped=why) for name, why in unavailable.items()})
             if fns:
-                timed = bench_pass(case, pass_, fns, logits, target, args, bar)
+                timed = bench_pass(case, pass_, fns, inputs, args, bar)
                 by_key.update({(pass_, name): result for name, result in timed.items()})
             else:
                 bar.update(steps_per_pass)
-        del logits, target, fns
+        del inputs, fns
     _free_memory(case.device)
     return [by_key[(p, name)] for p in args.passes for name in args.impls]
 
 
 def make_cases(args) -> list[Case]:
+    if args.linear:
+        return [
+            Case("linear_cross_entropy", n, v, dtype, args.device, d=d)
+            for n, d, v in args.shapes
+            for dtype in args.dtypes
+        ]
     return [Case("cross_entropy", n, v, dtype, args.device) for n, v in args.shapes for dtype in args.dtypes]
 
 
@@ -465,6 +625,7 @@ def collect_meta(args, copy_gbps: float | None) -> dict:
         fused_ce_cuda_kernels=fused_ce.cuda_kernels_available(),
         reps=args.reps,
         warmup=args.warmup,
+        linear=args.linear,
     )
     return meta
 
@@ -507,30 +668,49 @@ def format_header(meta: dict) -> str:
     if meta["copy_gbps"] is not None:
         parts.append(f"copy {meta['copy_gbps']:.0f} GB/s")
     counted = "GB/s counts fwd: N*V*elt (read logits), fwd+bwd: 2*N*V*elt (read logits, write grad)"
+    if meta.get("linear"):
+        counted = (
+            "TFLOP/s counts the matmuls, fwd: 2*N*D*V, fwd+bwd: 6*N*D*V; "
+            "work MB = peak MB less the gradients left in .grad"
+        )
     return f"{', '.join(parts)}\nmedian of {meta['reps']} reps after {meta['warmup']} warm-up; {counted}"
 
 
 def format_table(results: list[Result], copy_gbps: float | None) -> str:
     """A plain-text table, one row per result; skipped ones are footnoted below it."""
-    headers = ["pass", "impl", "N", "V", "dtype", "ms", "GB/s"]
-    if copy_gbps:
-        headers.append("% copy")
-    headers += ["peak MB", "vs torch"]
-    torch_ms = {(r.case, r.pass_): r.ms for r in results if r.impl == "torch"}
+    linear = any(r.case.linear for r in results)
+    if linear:
+        headers = ["pass", "impl", "N", "D", "V", "dtype", "ms", "TFLOP/s", "peak MB", "work MB"]
+        baselines = {"vs torch": "torch", "vs chunked": "torch.chunked"}
+    else:
+        headers = ["pass", "impl", "N", "V", "dtype", "ms", "GB/s"] + (["% copy"] if copy_gbps else []) + ["peak MB"]
+        baselines = {"vs torch": "torch"}
+    headers += list(baselines)
+    reference_ms = {
+        (r.case, r.pass_, r.impl): r.ms for r in results if r.impl in baselines.values() and r.skipped is None
+    }
 
     rows, notes = [], []
     for r in results:
-        cells = [r.pass_, r.impl, str(r.case.n), str(r.case.v), r.case.dtype_name]
+        shape = [str(r.case.n), str(r.case.d), str(r.case.v)] if linear else [str(r.case.n), str(r.case.v)]
+        cells = [r.pass_, r.impl, *shape, r.case.dtype_name]
         if r.skipped is not None:
             notes.append(f"[{len(notes) + 1}] {r.pass_} {r.impl} {r.case.label}: {r.skipped}")
             cells += [f"skipped [{len(notes)}]"] + [""] * (len(headers) - len(cells) - 1)
         else:
-            cells += [_fmt_ms(r.ms), f"{r.gbps:.1f}"]
-            if copy_gbps:
-                cells.append(f"{100 * r.gbps / copy_gbps:.0f}%")
+            cells.append(_fmt_ms(r.ms))
+            if linear:
+                cells.append(f"{r.tflops:.3f}")
+            else:
+                cells.append(f"{r.gbps:.1f}")
+                if copy_gbps:
+                    cells.append(f"{100 * r.gbps / copy_gbps:.0f}%")
             cells.append("n/a" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.1f}")
-            reference = torch_ms.get((r.case, r.pass_))
-            cells.append(f"{reference / r.ms:.2f}x" if reference else "-")
+            if linear:
+                cells.append("n/a" if r.workspace_mb is None else f"{r.workspace_mb:.1f}")
+            for impl in baselines.values():
+                reference = reference_ms.get((r.case, r.pass_, impl))
+                cells.append(f"{reference / r.ms:.2f}x" if reference else "-")
         rows.append(cells)
 
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(headers)]
@@ -572,16 +752,18 @@ def _parse_list(text: str) -> list[str]:
     return items
 
 
-def _parse_shapes(text: str) -> list[tuple[int, int]]:
+def _parse_shapes(text: str, names: str = "NxV", example: str = "4096x32000") -> list[tuple[int, ...]]:
     shapes = []
     for item in _parse_list(text):
         try:
-            n, v = (int(x) for x in item.lower().replace("×", "x").split("x"))
+            dims = tuple(int(x) for x in item.lower().replace("×", "x").split("x"))
         except ValueError:
-            raise argparse.ArgumentTypeError(f"shape {item!r} is not NxV, e.g. 4096x32000") from None
-        if n < 1 or v < 1:
-            raise argparse.ArgumentTypeError(f"shape {item!r}: N and V must be positive")
-        shapes.append((n, v))
+            dims = ()
+        if len(dims) != len(names.split("x")):
+            raise argparse.ArgumentTypeError(f"shape {item!r} is not {names}, e.g. {example}")
+        if min(dims) < 1:
+            raise argparse.ArgumentTypeError(f"shape {item!r}: {', '.join(names.split('x'))} must be positive")
+        shapes.append(dims)
     return shapes
 
 
@@ -592,11 +774,11 @@ def _parse_dtypes(text: str) -> list[torch.dtype]:
     return list(dict.fromkeys(DTYPES[d] for d in _parse_list(text)))
 
 
-def _parse_impls(text: str) -> list[str]:
+def _parse_impls(text: str, registry: dict[str, ImplBuilder] = IMPLS) -> list[str]:
     names = list(dict.fromkeys(_parse_list(text)))
-    unknown = [n for n in names if n not in IMPLS]
+    unknown = [n for n in names if n not in registry]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown impl(s) {unknown}; choose from {list(IMPLS)}")
+        raise argparse.ArgumentTypeError(f"unknown impl(s) {unknown}; choose from {list(registry)}")
     return names
 
 
@@ -615,9 +797,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         epilog="See the module docstring (python -c 'import fused_ce.bench; help(fused_ce.bench)') for what is counted.",
     )
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
-    parser.add_argument("--shapes", type=_parse_shapes, help="NxV,... (default: per device, see the docstring)")
+    parser.add_argument(
+        "--linear", action="store_true", help="benchmark fused_ce.linear_cross_entropy (shapes NxDxV; see the docstring)"
+    )
+    parser.add_argument("--shapes", help="NxV,... or with --linear NxDxV,... (default: per device, see the docstring)")
     parser.add_argument("--dtypes", type=_parse_dtypes, help="e.g. float32,bfloat16 (default: per device)")
-    parser.add_argument("--impls", type=_parse_impls, default=list(IMPLS), help=f"default: {','.join(IMPLS)}")
+    parser.add_argument(
+        "--impls", help=f"default: {','.join(IMPLS)}; with --linear: {','.join(LINEAR_IMPLS)}"
+    )
     parser.add_argument("--passes", type=_parse_passes, default=list(PASSES), help=f"default: {','.join(PASSES)}")
     parser.add_argument("--reps", type=int, help="timed repetitions per implementation (default: cpu 10, cuda 20)")
     parser.add_argument("--warmup", type=int, help="untimed calls first (default: cpu 2, cuda 5)")
@@ -630,7 +817,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     elif args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
+    registry = LINEAR_IMPLS if args.linear else IMPLS
+    try:
+        if args.shapes is not None:
+            args.shapes = _parse_shapes(args.shapes, *(("NxDxV", "4096x256x32000") if args.linear else ()))
+        args.impls = list(registry) if args.impls is None else _parse_impls(args.impls, registry)
+    except argparse.ArgumentTypeError as e:
+        parser.error(str(e))
     defaults = {**DEFAULTS[args.device], **(QUICK if args.quick else {})}
+    if args.linear:
+        defaults.update(LINEAR_DEFAULTS[args.device])
+        if args.quick:
+            defaults.update(LINEAR_QUICK)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
