@@ -78,6 +78,25 @@ Linear + cross-entropy (``--linear``)
     implementation needs beyond its inputs and outputs. The table adds a ``vs
     chunked`` column: ``torch.chunked``'s median time over the implementation's.
 
+Training step (``--step``)
+    A training step whose logits come from a matmul: ``loss_fn(h @ W.T, target)``
+    with ``h [N, D]`` and ``W [V, D]`` leaves (``--shapes NxDxV``; default CPU
+    4096x8x32000, CUDA 16384x8x128256), for ``torch``, ``torch.compile`` (the whole
+    step compiled), ``fused_ce`` and ``fused_ce.inplace`` (``inplace_backward=True``:
+    the gradient overwrites the logits' buffer). Only ``fwd+bwd`` makes sense here.
+    The logits are an allocation every implementation makes, so the table also gives
+    the peak beyond them (``beyond logits MB``; ``beyond_logits_mb`` in the JSON).
+
+Extras (``--extras``)
+    Every implementation gets ``label_smoothing=0.1``, ``z_loss=1e-4`` and
+    ``softcap=30``: fused_ce natively, torch as the composition
+    ``F.cross_entropy(30 tanh(x / 30), label_smoothing=0.1) + 1e-4 mean(lse**2)``.
+
+Plots (``--plot DIR``)
+    Sweeps V at a fixed N (CPU: N=2048, V from 4096 to 131072; CUDA: N=8192, V from
+    32000 to 256000, bfloat16) for fused_ce, torch and torch.compile, and writes
+    ``DIR/time_vs_vocab.png`` and ``DIR/memory_vs_vocab.png`` (matplotlib).
+
 Adding an implementation: register a builder that turns a :class:`Case` into a
 function ``(logits, target) -> loss``, e.g. for a new flag of fused_ce::
 
@@ -145,6 +164,21 @@ LINEAR_DEFAULTS = {
 }
 LINEAR_QUICK = {"shapes": [(256, 64, 4096)], "reps": 3, "warmup": 1}
 
+# --step: the shapes (N, D, V) by default (the dtypes are the device's).
+STEP_DEFAULTS = {"cpu": {"shapes": [(4096, 8, 32000)]}, "cuda": {"shapes": [(16384, 8, 128256)]}}
+STEP_QUICK = {"shapes": [(256, 8, 4096)], "reps": 3, "warmup": 1}
+
+# --plot: N and the vocabulary sizes of the sweep, and the dtype.
+PLOT_SWEEP = {
+    "cpu": {"n": 2048, "vocab": [4096, 8192, 16384, 32000, 65536, 131072], "dtypes": [torch.float32]},
+    "cuda": {"n": 8192, "vocab": [32000, 65536, 128256, 256000], "dtypes": [torch.bfloat16]},
+}
+
+PLOT_QUICK = {"n": 128, "vocab": [512, 2048], "dtypes": [torch.float32]}
+
+# --extras: the options every implementation gets.
+EXTRAS = {"label_smoothing": 0.1, "z_loss": 1e-4, "softcap": 30.0}
+
 LossFn = Callable[..., Tensor]  # (logits, target) -> loss; --linear: (x, W, target) -> loss
 
 
@@ -167,26 +201,39 @@ class Case:
         return self.op == "linear_cross_entropy"
 
     @property
+    def step(self) -> bool:
+        """A training step: logits = h @ W.T, then the loss (``--step``)."""
+        return self.op == "training_step"
+
+    @property
+    def has_d(self) -> bool:
+        return self.linear or self.step
+
+    @property
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
 
     @property
     def label(self) -> str:
-        shape = f"{self.n}x{self.d}x{self.v}" if self.linear else f"{self.n}x{self.v}"
+        shape = f"{self.n}x{self.d}x{self.v}" if self.has_d else f"{self.n}x{self.v}"
         return f"{shape} {self.dtype_name}"
 
     def counted_bytes(self, pass_: str) -> int | None:
         """The op's memory traffic floor: read the logits once, and write the gradient once (None for --linear)."""
-        if self.linear:
+        if self.has_d:
             return None
         passes_over_logits = 1 if pass_ == "fwd" else 2
         return passes_over_logits * self.n * self.v * self.dtype.itemsize
 
     def counted_flops(self, pass_: str) -> int | None:
         """--linear: the matmuls' FLOPs, 2*N*D*V each (one in fwd, three in fwd+bwd)."""
-        if not self.linear:
+        if not self.has_d:
             return None
         return (1 if pass_ == "fwd" else 3) * 2 * self.n * self.d * self.v
+
+    @property
+    def logits_mb(self) -> float:
+        return self.n * self.v * self.dtype.itemsize / MIB
 
     def make_inputs(self) -> tuple[Tensor, ...]:
         """Random logits [N, V] (a leaf) and class-index targets in [0, V).
@@ -195,7 +242,7 @@ class Case:
         have unit variance) and the targets.
         """
         generator = torch.Generator(self.device).manual_seed(0)
-        if self.linear:
+        if self.has_d:
             x = torch.randn(self.n, self.d, dtype=self.dtype, device=self.device, generator=generator)
             w = torch.randn(self.v, self.d, device=self.device, generator=generator).mul_(self.d**-0.5).to(self.dtype)
             target = torch.randint(0, self.v, (self.n,), device=self.device, generator=generator)
@@ -240,7 +287,7 @@ class Result:
     def _keys(self) -> dict:
         c = self.case
         keys = {"op": c.op, "pass": self.pass_, "impl": self.impl, "N": c.n, "V": c.v, "dtype": c.dtype_name}
-        if c.linear:
+        if c.has_d:
             keys["D"] = c.d
         return keys
 
@@ -254,7 +301,14 @@ class Result:
         }
         if self.case.linear:
             row.update(tflops=_round(self.tflops, 3), workspace_mb=_round(self.workspace_mb, 1))
+        if self.case.step:
+            row.update(beyond_logits_mb=_round(self.beyond_logits_mb, 1))
         return row
+
+    @property
+    def beyond_logits_mb(self) -> float | None:
+        """--step: the peak beyond the logits, which every implementation allocates."""
+        return None if self.peak_mem_mb is None else self.peak_mem_mb - self.case.logits_mb
 
     def skip_record(self) -> dict:
         """The ``meta.skipped`` entry of a result that did not run."""
@@ -275,6 +329,8 @@ class ImplUnavailable(Exception):
 ImplBuilder = Callable[[Case], LossFn]
 IMPLS: dict[str, ImplBuilder] = {}
 LINEAR_IMPLS: dict[str, ImplBuilder] = {}  # --linear: builders of (x, W, target) -> loss
+STEP_IMPLS: dict[str, ImplBuilder] = {}  # --step: builders of (h, W, target) -> loss of h @ W.T
+_extras: dict = {}  # --extras: set by main()
 
 
 def register_impl(name: str, registry: dict[str, ImplBuilder] = IMPLS) -> Callable[[ImplBuilder], ImplBuilder]:
@@ -292,26 +348,74 @@ def register_linear_impl(name: str) -> Callable[[ImplBuilder], ImplBuilder]:
     return register_impl(name, LINEAR_IMPLS)
 
 
-@register_impl("fused_ce")
-def _fused_ce(case: Case) -> LossFn:
+def _require_cuda_kernels(case: Case) -> None:
     if case.device.type == "cuda" and not fused_ce.cuda_kernels_available():
         raise ImplUnavailable("this build of fused_ce has no CUDA kernels")
-    return fused_ce.cross_entropy
 
 
-@register_impl("torch")
-def _torch(case: Case) -> LossFn:
-    return F.cross_entropy
+def _fused_ce_loss(**options) -> LossFn:
+    return lambda logits, target: fused_ce.cross_entropy(logits, target, **_extras, **options)
 
 
-@register_impl("torch.compile")
-def _torch_compile(case: Case) -> LossFn:
-    # Dynamo caches compiled code on F.cross_entropy's code object, which every
+def _torch_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """F.cross_entropy, with --extras composed from torch ops."""
+    if not _extras:
+        return F.cross_entropy(logits, target)
+    cap = _extras["softcap"]
+    z = cap * torch.tanh(logits / cap)
+    loss = F.cross_entropy(z, target, label_smoothing=_extras["label_smoothing"])
+    return loss + _extras["z_loss"] * torch.logsumexp(z.float(), dim=-1).square().mean()
+
+
+def _compiled(fn: LossFn) -> LossFn:
+    # Dynamo caches compiled code on a function's code object, which every
     # torch.compile wrapper of it shares: reset, so that earlier cases neither count
     # towards the recompile limit (past which it would silently run eagerly) nor stay
     # in memory. Compilation itself happens at the first call, in warm-up.
     torch._dynamo.reset()
-    return torch.compile(F.cross_entropy, dynamic=False)
+    return torch.compile(fn, dynamic=False)
+
+
+@register_impl("fused_ce")
+def _fused_ce(case: Case) -> LossFn:
+    _require_cuda_kernels(case)
+    return _fused_ce_loss()
+
+
+@register_impl("torch")
+def _torch(case: Case) -> LossFn:
+    return _torch_loss
+
+
+@register_impl("torch.compile")
+def _torch_compile(case: Case) -> LossFn:
+    return _compiled(_torch_loss)
+
+
+def _step(loss_fn: LossFn) -> LossFn:
+    return lambda h, w, target: loss_fn(h @ w.T, target)
+
+
+@register_impl("torch", STEP_IMPLS)
+def _step_torch(case: Case) -> LossFn:
+    return _step(_torch_loss)
+
+
+@register_impl("torch.compile", STEP_IMPLS)
+def _step_torch_compile(case: Case) -> LossFn:
+    return _compiled(_step(_torch_loss))
+
+
+@register_impl("fused_ce", STEP_IMPLS)
+def _step_fused_ce(case: Case) -> LossFn:
+    _require_cuda_kernels(case)
+    return _step(_fused_ce_loss())
+
+
+@register_impl("fused_ce.inplace", STEP_IMPLS)
+def _step_fused_ce_inplace(case: Case) -> LossFn:
+    _require_cuda_kernels(case)
+    return _step(_fused_ce_loss(inplace_backward=True))
 
 
 @register_linear_impl("fused_ce")
@@ -361,7 +465,7 @@ def _linear_cce(case: Case) -> LossFn:
 
 def build_impls(case: Case, names: Sequence[str]) -> tuple[dict[str, LossFn], dict[str, str]]:
     """The loss functions of the named implementations for ``case``, and why others are unavailable."""
-    registry = LINEAR_IMPLS if case.linear else IMPLS
+    registry = _registry(case.op)
     fns, unavailable = {}, {}
     for name in names:
         try:
@@ -369,6 +473,10 @@ def build_impls(case: Case, names: Sequence[str]) -> tuple[dict[str, LossFn], di
         except Exception as e:  # ImplUnavailable, or a builder that failed
             unavailable[name] = _reason(e)
     return fns, unavailable
+
+
+def _registry(op: str) -> dict[str, ImplBuilder]:
+    return {"linear_cross_entropy": LINEAR_IMPLS, "training_step": STEP_IMPLS}.get(op, IMPLS)
 
 
 def _reason(error: BaseException) -> str:
@@ -591,6 +699,12 @@ def run_case(case: Case, args, bar: Progress) -> list[Result]:
 
 
 def make_cases(args) -> list[Case]:
+    if args.plot:
+        sweep = PLOT_QUICK if args.quick else PLOT_SWEEP[args.device.type]
+        dtypes = args.dtypes if args.dtypes_given else sweep["dtypes"]
+        return [Case("cross_entropy", sweep["n"], v, dtype, args.device) for v in sweep["vocab"] for dtype in dtypes]
+    if args.step:
+        return [Case("training_step", n, v, dtype, args.device, d=d) for n, d, v in args.shapes for dtype in args.dtypes]
     if args.linear:
         return [
             Case("linear_cross_entropy", n, v, dtype, args.device, d=d)
@@ -626,6 +740,8 @@ def collect_meta(args, copy_gbps: float | None) -> dict:
         reps=args.reps,
         warmup=args.warmup,
         linear=args.linear,
+        step=args.step,
+        extras=dict(_extras) or None,
     )
     return meta
 
@@ -673,15 +789,22 @@ def format_header(meta: dict) -> str:
             "TFLOP/s counts the matmuls, fwd: 2*N*D*V, fwd+bwd: 6*N*D*V; "
             "work MB = peak MB less the gradients left in .grad"
         )
-    return f"{', '.join(parts)}\nmedian of {meta['reps']} reps after {meta['warmup']} warm-up; {counted}"
+    if meta.get("step"):
+        counted = "a step: loss(h @ W.T, target) and its backward; beyond logits MB = peak MB less the logits (N*V*elt)"
+    extras = f"\nextras: {meta['extras']}" if meta.get("extras") else ""
+    return f"{', '.join(parts)}\nmedian of {meta['reps']} reps after {meta['warmup']} warm-up; {counted}{extras}"
 
 
 def format_table(results: list[Result], copy_gbps: float | None) -> str:
     """A plain-text table, one row per result; skipped ones are footnoted below it."""
     linear = any(r.case.linear for r in results)
+    step = any(r.case.step for r in results)
     if linear:
         headers = ["pass", "impl", "N", "D", "V", "dtype", "ms", "TFLOP/s", "peak MB", "work MB"]
         baselines = {"vs torch": "torch", "vs chunked": "torch.chunked"}
+    elif step:
+        headers = ["pass", "impl", "N", "D", "V", "dtype", "ms", "peak MB", "beyond logits MB"]
+        baselines = {"vs torch": "torch"}
     else:
         headers = ["pass", "impl", "N", "V", "dtype", "ms", "GB/s"] + (["% copy"] if copy_gbps else []) + ["peak MB"]
         baselines = {"vs torch": "torch"}
@@ -692,7 +815,7 @@ def format_table(results: list[Result], copy_gbps: float | None) -> str:
 
     rows, notes = [], []
     for r in results:
-        shape = [str(r.case.n), str(r.case.d), str(r.case.v)] if linear else [str(r.case.n), str(r.case.v)]
+        shape = [str(r.case.n), str(r.case.d), str(r.case.v)] if linear or step else [str(r.case.n), str(r.case.v)]
         cells = [r.pass_, r.impl, *shape, r.case.dtype_name]
         if r.skipped is not None:
             notes.append(f"[{len(notes) + 1}] {r.pass_} {r.impl} {r.case.label}: {r.skipped}")
@@ -701,6 +824,8 @@ def format_table(results: list[Result], copy_gbps: float | None) -> str:
             cells.append(_fmt_ms(r.ms))
             if linear:
                 cells.append(f"{r.tflops:.3f}")
+            elif step:
+                pass
             else:
                 cells.append(f"{r.gbps:.1f}")
                 if copy_gbps:
@@ -708,6 +833,8 @@ def format_table(results: list[Result], copy_gbps: float | None) -> str:
             cells.append("n/a" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.1f}")
             if linear:
                 cells.append("n/a" if r.workspace_mb is None else f"{r.workspace_mb:.1f}")
+            if step:
+                cells.append("n/a" if r.beyond_logits_mb is None else f"{r.beyond_logits_mb:.1f}")
             for impl in baselines.values():
                 reference = reference_ms.get((r.case, r.pass_, impl))
                 cells.append(f"{reference / r.ms:.2f}x" if reference else "-")
@@ -740,6 +867,49 @@ def write_json(path: str, meta: dict, results: list[Result]) -> None:
     if target.parent != Path(""):
         target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(document, indent=2) + "\n")
+
+
+def write_plots(directory: str, meta: dict, results: list[Result]) -> list[Path]:
+    """--plot: time and peak memory against V, one line per (implementation, pass)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise SystemExit(f"--plot needs matplotlib ({e}): pip install matplotlib") from None
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    device = meta.get("gpu") or meta.get("cpu")
+    ran = [r for r in results if r.skipped is None]
+    dtype = ran[0].case.dtype_name if ran else ""
+    n = ran[0].case.n if ran else 0
+    colors = {"fused_ce": "tab:blue", "torch": "tab:red", "torch.compile": "tab:orange"}
+    paths = []
+    for metric, label, filename in [
+        ("ms", "median time per call (ms)", "time_vs_vocab.png"),
+        ("peak_mem_mb", "extra peak memory per call (MiB)", "memory_vs_vocab.png"),
+    ]:
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for impl in dict.fromkeys(r.impl for r in ran):
+            for pass_, style in (("fwd", "--"), ("fwd+bwd", "-")):
+                points = sorted((r.case.v, getattr(r, metric)) for r in ran if r.impl == impl and r.pass_ == pass_)
+                points = [(v, y) for v, y in points if y is not None]
+                if points:
+                    ax.plot(*zip(*points), style, marker="o", color=colors.get(impl), label=f"{impl} {pass_}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("vocabulary size V")
+        ax.set_ylabel(label)
+        ax.set_title(f"cross-entropy, N = {n}, {dtype} -- {device}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = out / filename
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
 
 
 # --------------------------------------------------------------------------- command line
@@ -797,9 +967,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         epilog="See the module docstring (python -c 'import fused_ce.bench; help(fused_ce.bench)') for what is counted.",
     )
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
-    parser.add_argument(
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
         "--linear", action="store_true", help="benchmark fused_ce.linear_cross_entropy (shapes NxDxV; see the docstring)"
     )
+    mode.add_argument(
+        "--step", action="store_true", help="a training step with logits = h @ W.T (shapes NxDxV; see the docstring)"
+    )
+    mode.add_argument("--plot", metavar="DIR", help="sweep V and write time and memory plots (PNG) to DIR")
+    parser.add_argument("--extras", action="store_true", help=f"give every implementation {EXTRAS}")
     parser.add_argument("--shapes", help="NxV,... or with --linear NxDxV,... (default: per device, see the docstring)")
     parser.add_argument("--dtypes", type=_parse_dtypes, help="e.g. float32,bfloat16 (default: per device)")
     parser.add_argument(
@@ -817,18 +993,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     elif args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
-    registry = LINEAR_IMPLS if args.linear else IMPLS
+    op = "linear_cross_entropy" if args.linear else "training_step" if args.step else "cross_entropy"
+    registry = _registry(op)
     try:
         if args.shapes is not None:
-            args.shapes = _parse_shapes(args.shapes, *(("NxDxV", "4096x256x32000") if args.linear else ()))
+            if args.plot:
+                parser.error("--plot sweeps its own shapes")
+            with_d = args.linear or args.step
+            args.shapes = _parse_shapes(args.shapes, *(("NxDxV", "4096x256x32000") if with_d else ()))
         args.impls = list(registry) if args.impls is None else _parse_impls(args.impls, registry)
     except argparse.ArgumentTypeError as e:
         parser.error(str(e))
+    args.dtypes_given = args.dtypes is not None
+    if args.step and args.passes == list(PASSES):
+        args.passes = ["fwd+bwd"]
     defaults = {**DEFAULTS[args.device], **(QUICK if args.quick else {})}
     if args.linear:
         defaults.update(LINEAR_DEFAULTS[args.device])
         if args.quick:
             defaults.update(LINEAR_QUICK)
+    if args.step:
+        defaults.update(STEP_DEFAULTS[args.device])
+        if args.quick:
+            defaults.update(STEP_QUICK)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -840,6 +1027,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    _extras.clear()
+    if args.extras:
+        _extras.update(EXTRAS)
     copy_gbps = measure_copy_gbps(args.device) if args.device.type == "cuda" else None
     cases = make_cases(args)
     total = len(cases) * len(args.passes) * len(args.impls) * (args.warmup + args.reps + 1)
@@ -853,6 +1043,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.json:
         write_json(args.json, meta, results)
         print(f"\nwrote {args.json}")
+    if args.plot:
+        for path in write_plots(args.plot, meta, results):
+            print(f"wrote {path}")
 
 
 if __name__ == "__main__":
