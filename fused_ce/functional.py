@@ -287,21 +287,46 @@ def cross_entropy(
                       input.dtype, inplace_target)
 
     loss, lse, _mass = torch.ops.fused_ce.cross_entropy_forward(logits, rows, weight, ignore_index, smoothing, cap)
+    out = _reduce(loss, lse, info, reduction, z_loss, batch_shape, input.dtype)
+    return (out, lse.reshape(batch_shape)) if return_lse else out
+
+
+def _reduce(loss: Tensor, lse: Tensor, info: _Rows, reduction: str, z_loss: float, batch_shape, dtype) -> Tensor:
+    """The reduction of per-row losses, with the z-loss term (the two-pass path)."""
     if reduction == "none":
         if z_loss:
             loss = loss + z_loss * _masked_square(lse, info)
-        out = loss.reshape(batch_shape).to(input.dtype)
-    else:
-        total = loss.sum()
+        return loss.reshape(batch_shape).to(dtype)
+    total = loss.sum()
+    if reduction == "mean":
+        total = _nan_if_empty(total * _safe_inverse(info.denominator, total.dtype), info.denominator)
+    if z_loss:
+        z_total = _masked_square(lse, info).sum()
         if reduction == "mean":
-            total = _nan_if_empty(total * _safe_inverse(info.denominator, total.dtype), info.denominator)
-        if z_loss:
-            z_total = _masked_square(lse, info).sum()
-            if reduction == "mean":
-                z_total = z_total * _safe_inverse(info.count, z_total.dtype)
-            total = total + z_loss * z_total
-        out = total.to(input.dtype)
-    return (out, lse.reshape(batch_shape)) if return_lse else out
+            z_total = z_total * _safe_inverse(info.count, z_total.dtype)
+        total = total + z_loss * z_total
+    return total.to(dtype)
+
+
+def _row_scales(info: _Rows, reduction: str, z_loss: float, device, dtype) -> tuple[Tensor, Tensor | None]:
+    """row_scale and z_scale [N] of the fused objective ``row_scale * loss + z_scale * lse**2``,
+    whose sum is the reduced loss (the training path)."""
+    mask = info.mask(device, dtype)
+    row_scale = mask if reduction != "mean" else mask * _safe_inverse(info.denominator, dtype)
+    z_scale = None
+    if z_loss:
+        z_scale = z_loss * mask if reduction != "mean" else (z_loss * _safe_inverse(info.count, dtype)) * mask
+    return row_scale.contiguous(), z_scale
+
+
+def _reduce_objective(objective: Tensor, info: _Rows, reduction: str, batch_shape, dtype) -> Tensor:
+    """The loss from the fused path's per-row objective."""
+    if reduction == "none":
+        return objective.reshape(batch_shape).to(dtype)
+    total = objective.sum()
+    if reduction == "mean":
+        total = _nan_if_empty(total, info.denominator)
+    return total.to(dtype)
 
 
 def _fused(logits, rows, weight, info, ignore_index, smoothing, cap, z_loss, reduction, batch_shape, dtype, inplace):
@@ -311,22 +336,13 @@ def _fused(logits, rows, weight, info, ignore_index, smoothing, cap, z_loss, red
     dimension): the input the rows ``logits`` view, or ``logits`` itself when
     _as_rows copied.
     """
-    mask = info.mask(logits.device, accumulate_dtype(logits.dtype))
-    row_scale = mask if reduction != "mean" else mask * _safe_inverse(info.denominator, mask.dtype)
-    z_scale = None
-    if z_loss:
-        z_scale = z_loss * mask if reduction != "mean" else (z_loss * _safe_inverse(info.count, mask.dtype)) * mask
-    args = (rows, weight, row_scale.contiguous(), z_scale, ignore_index, smoothing, cap)
+    row_scale, z_scale = _row_scales(info, reduction, z_loss, logits.device, accumulate_dtype(logits.dtype))
+    args = (rows, weight, row_scale, z_scale, ignore_index, smoothing, cap)
     if inplace is not None:
         objective = _fused_inplace(*inplace, args)
     else:
         objective, _lse, _mass, _grad = torch.ops.fused_ce.cross_entropy_fused(logits, *args)
-    if reduction == "none":
-        return objective.reshape(batch_shape).to(dtype)
-    total = objective.sum()
-    if reduction == "mean":
-        total = _nan_if_empty(total, info.denominator)
-    return total.to(dtype)
+    return _reduce_objective(objective, info, reduction, batch_shape, dtype)
 
 
 def _check_inplace(input: Tensor) -> None:

@@ -85,8 +85,9 @@ from .functional import (
     _check_extras,
     _check_reduction,
     _nan_if_empty,
+    _reduce,
+    _row_scales,
     _Rows,
-    _safe_inverse,
 )
 from .ops import _gradient_by_formula, accumulate_dtype
 
@@ -850,33 +851,6 @@ def _rows_of(input, linear_weight, linear_bias, target, weight, ignore_index, la
     stand_in = x.new_empty(1, num_classes, dtype=compute_dtype(input.dtype, input.device)).expand(x.shape[0], -1)
     _, rows, weight, _ = _as_rows(stand_in, rows, weight, ignore_index, label_smoothing)
     return x, rows, weight, batch_shape, _Rows(stand_in, rows, weight, ignore_index)
-
-
-def _row_scales(info: _Rows, reduction: str, z_loss: float, device, dtype):
-    """row_scale and z_scale [N] of the fused objective (as fused_ce.cross_entropy's training path)."""
-    mask = info.mask(device, dtype)
-    row_scale = mask if reduction != "mean" else mask * _safe_inverse(info.denominator, dtype)
-    z_scale = None
-    if z_loss:
-        z_scale = z_loss * mask if reduction != "mean" else (z_loss * _safe_inverse(info.count, dtype)) * mask
-    return row_scale.contiguous(), z_scale
-
-
-def _reduce(loss: Tensor, lse: Tensor, info: _Rows, reduction: str, z_loss: float, batch_shape, dtype) -> Tensor:
-    """The reduction and the z-loss term of per-row statistics (as fused_ce.cross_entropy's)."""
-    if reduction == "none":
-        if z_loss:
-            loss = loss + z_loss * lse.square() * info.mask(lse.device, lse.dtype)
-        return loss.reshape(batch_shape).to(dtype)
-    total = loss.sum()
-    if reduction == "mean":
-        total = _nan_if_empty(total * _safe_inverse(info.denominator, total.dtype), info.denominator)
-    if z_loss:
-        z_total = (lse.square() * info.mask(lse.device, lse.dtype)).sum()
-        if reduction == "mean":
-            z_total = z_total * _safe_inverse(info.count, z_total.dtype)
-        total = total + z_loss * z_total
-    return total.to(dtype)
 
 
 def linear_cross_entropy(
