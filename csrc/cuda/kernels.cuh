@@ -54,6 +54,18 @@ constexpr int block_size() {
   return kThreads < kSmallRowBlock ? kSmallRowBlock : kThreads;
 }
 
+// This thread's row, and its place among the kThreads threads of the row.
+template <int kThreads>
+__device__ __forceinline__ int64_t row_of_thread() {
+  constexpr int kRowsPerBlock = block_size<kThreads>() / kThreads;
+  return int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreads;
+}
+
+template <int kThreads>
+__device__ __forceinline__ int lane_in_row() {
+  return threadIdx.x % kThreads;
+}
+
 // The row split around 16-byte alignment: scalars in [0, head), whole vectors in
 // [head, body_end), scalars in [body_end, V).
 struct RowSplit {
@@ -252,9 +264,8 @@ __global__ void __launch_bounds__(block_size<kThreads>())
                    const GradInForward<scalar_t> with_grad) {
   using acc_t = acc_type<scalar_t>;
   constexpr int W = kVecWidth<scalar_t>;
-  constexpr int kRowsPerBlock = block_size<kThreads>() / kThreads;
-  const int lane = threadIdx.x % kThreads;
-  const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreads;
+  const int lane = lane_in_row<kThreads>();
+  const int64_t row = row_of_thread<kThreads>();
   // A whole block shares a row when kThreads > 32, so this exit is block-uniform then.
   if (row >= p.num_rows) return;
 
@@ -305,9 +316,8 @@ template <typename scalar_t, int kThreads, TargetMode kMode>
 __global__ void __launch_bounds__(block_size<kThreads>())
     backward_kernel(const RowProblem<scalar_t> p, const BackwardInputs<acc_type<scalar_t>> in,
                     scalar_t* __restrict__ grad, int64_t grad_stride) {
-  constexpr int kRowsPerBlock = block_size<kThreads>() / kThreads;
-  const int lane = threadIdx.x % kThreads;
-  const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreads;
+  const int lane = lane_in_row<kThreads>();
+  const int64_t row = row_of_thread<kThreads>();
   if (row >= p.num_rows) return;
   if (in.keep_where_one && in.keep_where_one[row * in.keep_stride] == 1) return;  // holds its gradient already
   const RowContext<scalar_t> ctx(p, row);
@@ -320,9 +330,8 @@ template <typename scalar_t, int kThreads>
 __global__ void __launch_bounds__(block_size<kThreads>()) entropy_forward_kernel(const EntropyArgs<scalar_t> a) {
   using acc_t = acc_type<scalar_t>;
   constexpr int W = kVecWidth<scalar_t>;
-  constexpr int kRowsPerBlock = block_size<kThreads>() / kThreads;
-  const int lane = threadIdx.x % kThreads;
-  const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreads;
+  const int lane = lane_in_row<kThreads>();
+  const int64_t row = row_of_thread<kThreads>();
   if (row >= a.num_rows) return;
   const scalar_t* x = a.logits + row * a.logits_stride;
   EntropyStats<acc_t> s = empty_entropy_stats<acc_t>();
@@ -361,9 +370,8 @@ template <typename scalar_t, int kThreads>
 __global__ void __launch_bounds__(block_size<kThreads>()) entropy_backward_kernel(const EntropyArgs<scalar_t> a) {
   using acc_t = acc_type<scalar_t>;
   constexpr int W = kVecWidth<scalar_t>;
-  constexpr int kRowsPerBlock = block_size<kThreads>() / kThreads;
-  const int lane = threadIdx.x % kThreads;
-  const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreads;
+  const int lane = lane_in_row<kThreads>();
+  const int64_t row = row_of_thread<kThreads>();
   if (row >= a.num_rows) return;
   const scalar_t* x = a.logits + row * a.logits_stride;
   scalar_t* g = a.grad + row * a.num_classes;
