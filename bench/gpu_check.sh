@@ -3,15 +3,19 @@
 # torch, nvcc, ninja, pytest and compute-sanitizer preinstalled):
 #
 #   1. build fused_ce for sm_90 only;
-#   2. run the CUDA tests;
-#   3. run compute-sanitizer (memcheck, then racecheck and initcheck) over a small
-#      CUDA test subset;
-#   4. run the benchmark (python -m fused_ce.bench) with its JSON.
+#   2. bench/sanitize_cuda.py: every CUDA kernel against the CPU kernels, quickly;
+#   3. the CUDA tests (--slow included: the > 2**31-element case);
+#   4. the benchmark (python -m fused_ce.bench) with its JSON;
+#   5. compute-sanitizer memcheck, racecheck and initcheck over bench/sanitize_cuda.py;
+#   6. the --linear (with Liger-Kernel and cut-cross-entropy when carried), --step and
+#      --plot benchmarks.
 #
-# Everything goes to $OUT (default ./out): gpu_check.log (the whole raw log),
-# build.log, tests.log, sanitizer.log, bench.log and bench.json. Each step has its
-# own time limit so the whole run ends within about 8 minutes; a failing step is
-# recorded and the next one still runs. The exit status is non-zero if any step failed.
+# Everything goes to $OUT (default ./out): gpu_check.log (the whole raw log, every
+# step's output in it), the benchmarks' JSON and the plots. The steps run in that
+# order of value under one time budget, GPU_CHECK_BUDGET seconds (default 540): each
+# step's own limit is cut to what is left, and a step that would start with under 20 s
+# left is skipped (and recorded). A failing step is recorded and the next one still
+# runs. The exit status is non-zero if any step failed or was skipped.
 #
 # Dry run on a machine without a GPU: `GPU_CHECK_DRY_RUN=1 bash bench/gpu_check.sh`
 # (builds and runs everything it can, with the benchmark's --quick shapes).
@@ -24,23 +28,31 @@ mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
 : >"$LOG"
 DRY_RUN=${GPU_CHECK_DRY_RUN:-0}
+BUDGET=${GPU_CHECK_BUDGET:-540}
 export PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 PY=${PYTHON:-python3}
 failed=()
 
-say() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
+say() { echo "== $(date -u +%H:%M:%S) [${SECONDS}s] $*" | tee -a "$LOG"; }
 
-# step NAME SECONDS LOGFILE CMD...: runs CMD with a time limit, its output into
-# LOGFILE and the raw log.
+# step NAME SECONDS CMD...: runs CMD with a time limit (cut to the budget left), its
+# output into the raw log.
 step() {
-  local name=$1 limit=$2 logfile=$3
-  shift 3
+  local name=$1 limit=$2
+  shift 2
+  local left=$((BUDGET - SECONDS))
+  if [ "$left" -lt 20 ]; then
+    say "$name: skipped, ${left}s of the budget left"
+    failed+=("$name(skipped)")
+    return 1
+  fi
+  [ "$limit" -le "$left" ] || limit=$left
   say "$name (limit ${limit}s): $*"
   local start=$SECONDS
-  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$logfile" >>"$LOG"
-  local rc=${PIPESTATUS[0]}
+  timeout --kill-after=5 "$limit" "$@" >>"$LOG" 2>&1
+  local rc=$?
   say "$name: exit $rc after $((SECONDS - start))s"
   [ "$rc" = 0 ] || failed+=("$name(rc=$rc)")
   return "$rc"
@@ -52,7 +64,8 @@ say "machine"
   command -v nvcc >/dev/null && nvcc --version | tail -n 2
   "$PY" -c 'import torch, platform; print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)'
   git rev-parse --short HEAD 2>/dev/null || true
-} 2>&1 | tee -a "$LOG"
+  git status --short 2>/dev/null || true
+} >>"$LOG" 2>&1
 
 if compgen -G ".whl/*.whl" >/dev/null; then
   say "installing carried wheels"
@@ -62,46 +75,47 @@ fi
 
 # 1. Build in place (no pip needed: the machine is offline), sm_90 only unless overridden.
 if [ "$DRY_RUN" = 1 ]; then export FUSED_CE_CUDA=${FUSED_CE_CUDA:-auto}; else export FUSED_CE_CUDA=1; fi
-if ! step build 300 build.log "$PY" setup.py build_ext --inplace; then
+if ! step build 240 "$PY" setup.py build_ext --inplace; then
   say "build failed: nothing else can run"
   exit 1
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-"$PY" -c 'import fused_ce, torch; print("CUDA kernels:", fused_ce.cuda_kernels_available(), "GPU:", torch.cuda.is_available())' 2>&1 | tee -a "$LOG"
+"$PY" -c 'import fused_ce, torch; print("CUDA kernels:", fused_ce.cuda_kernels_available(), "GPU:", torch.cuda.is_available())' >>"$LOG" 2>&1
+DEVICE=cuda
+[ "$DRY_RUN" = 1 ] && DEVICE=cpu
 
-# 2. The CUDA tests (every test parametrised over devices has a cuda case). The CPU
-#    emulation of the CUDA kernels is left out: the real ones run here.
-step tests 180 tests.log "$PY" -m pytest tests -q -k cuda --ignore=tests/test_cuda_emulated.py -p no:cacheprovider \
-  --junitxml="$OUT/tests.xml"
+# 2. Every kernel once against the CPU kernels: the quickest signal.
+step kernels 60 "$PY" bench/sanitize_cuda.py --device "$DEVICE"
 
-# 3. compute-sanitizer over small CUDA subsets (small shapes: every access is
-#    instrumented): memcheck over the op tests, racecheck and initcheck over opcheck
-#    of every op (each op's kernels, every mapping of threads to rows).
-SANITIZER_RUNS=(
-  "memcheck 120 tests/test_ops.py"
-  "racecheck 60 tests/test_extras.py"
-  "initcheck 60 tests/test_extras.py"
-)
+# 3. The CUDA tests (every test parametrised over devices has a cuda case). The CPU
+#    emulation of the CUDA kernels is left out: the real ones run here. pytest-xdist
+#    spreads them over processes where it is installed.
+XDIST=()
+"$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n 8)
+TEST_FILTER=cuda
+[ "$DRY_RUN" = 1 ] && TEST_FILTER="cuda or test_properties"
+step tests 180 "$PY" -m pytest tests -q -k "$TEST_FILTER" --slow --ignore=tests/test_cuda_emulated.py -p no:cacheprovider "${XDIST[@]}"
+
+# 4. The benchmark, with its JSON.
+QUICK=()
+[ "$DRY_RUN" = 1 ] && QUICK=(--quick)
+step bench 150 "$PY" -m fused_ce.bench --json "$OUT/bench.json" --no-progress "${QUICK[@]}"
+
+# 5. compute-sanitizer over bench/sanitize_cuda.py (small shapes: every access is instrumented).
 if command -v compute-sanitizer >/dev/null 2>&1; then
-  : >"$OUT/sanitizer.log"
-  for run in "${SANITIZER_RUNS[@]}"; do
-    read -r tool limit file <<<"$run"
-    filter=cuda
-    [ "$tool" = memcheck ] || filter="cuda and opcheck"
-    step "sanitizer-$tool" "$limit" "sanitizer-$tool.log" compute-sanitizer --tool "$tool" --error-exitcode 9 \
-      --target-processes all "$PY" -m pytest "$file" -q -x -k "$filter" -p no:cacheprovider
-    cat "$OUT/sanitizer-$tool.log" >>"$OUT/sanitizer.log"
-    rm -f "$OUT/sanitizer-$tool.log"
+  for tool in memcheck racecheck initcheck; do
+    step "sanitizer-$tool" 90 compute-sanitizer --tool "$tool" --error-exitcode 9 --target-processes all \
+      "$PY" bench/sanitize_cuda.py --device "$DEVICE"
   done
 else
   say "compute-sanitizer not found: skipped"
   [ "$DRY_RUN" = 1 ] || failed+=("sanitizer(missing)")
 fi
 
-# 4. The benchmark, with its JSON.
-BENCH_ARGS=(--json "$OUT/bench.json" --no-progress)
-[ "$DRY_RUN" = 1 ] && BENCH_ARGS+=(--quick)
-step bench 300 bench.log "$PY" -m fused_ce.bench "${BENCH_ARGS[@]}"
+# 6. The other benchmarks.
+step bench-linear 90 "$PY" -m fused_ce.bench --linear --json "$OUT/bench_linear.json" --no-progress "${QUICK[@]}"
+step bench-step 60 "$PY" -m fused_ce.bench --step --json "$OUT/bench_step.json" --no-progress "${QUICK[@]}"
+step bench-plot 90 "$PY" -m fused_ce.bench --plot "$OUT" --json "$OUT/bench_plot.json" --no-progress "${QUICK[@]}"
 
 if [ ${#failed[@]} -gt 0 ]; then
   say "FAILED: ${failed[*]}"

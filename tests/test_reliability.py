@@ -767,19 +767,19 @@ def test_fp16_z_loss_with_large_logits_stays_finite(device):
 
 
 @pytest.mark.slow
-def test_more_than_2_31_logits():
+def test_more_than_2_31_logits(device):
     # bfloat16 16385 x 131072 = 2**31 + 131072 elements (4.3 GB): the last row starts at
     # element 2**31 exactly, where a 32-bit offset wraps. Checks the rows at both ends
     # and around 2**30 against float64, the 'mean' loss against a float64 mean computed
     # in chunks, and (in place, so no second 4.3 GB buffer) the gradient rows.
     n, v = 16385, 131072
     assert n * v > 2**31
-    gen = torch.Generator().manual_seed(18)
-    x = torch.empty(n, v, dtype=torch.bfloat16)
+    gen = torch.Generator(device=device).manual_seed(18)
+    x = torch.empty(n, v, dtype=torch.bfloat16, device=device)
     chunk = 512
     for r in range(0, n, chunk):
-        x[r : r + chunk] = (3 * torch.randn(min(chunk, n - r), v, generator=gen)).to(torch.bfloat16)
-    target = torch.randint(0, v, (n,), generator=gen)
+        x[r : r + chunk] = (3 * torch.randn(min(chunk, n - r), v, generator=gen, device=device)).to(torch.bfloat16)
+    target = torch.randint(0, v, (n,), generator=gen, device=device)
     target[7::11] = -100
     rows = [0, 1, 8191, 8192, n - 2, n - 1]
 
@@ -790,7 +790,7 @@ def test_more_than_2_31_logits():
     expected_rows = cross_entropy_reference(x_rows, target[rows], reduction="none")
     torch.testing.assert_close(loss_rows[rows].double(), expected_rows, rtol=2**-7, atol=1e-2)
 
-    total, count = torch.zeros((), dtype=torch.float64), 0
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     for r in range(0, n, chunk):
         t = target[r : r + chunk]
         total += cross_entropy_reference(x[r : r + chunk].double(), t, label_smoothing=0.1, reduction="sum")
@@ -800,7 +800,7 @@ def test_more_than_2_31_logits():
     # The gradient, written over the logits: they must be a non-leaf tensor that
     # requires grad, made here by adding a 0-d leaf (a copy: 8.6 GB at the peak, then
     # the original is freed).
-    logits = x + torch.zeros((), dtype=torch.bfloat16, requires_grad=True)
+    logits = x + torch.zeros((), dtype=torch.bfloat16, device=device, requires_grad=True)
     del x
     loss = fused_ce.cross_entropy(logits, target, reduction="sum", inplace_backward=True)
     probs = torch.softmax(x_rows, 1)
