@@ -169,7 +169,8 @@ def extension():
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
         nvcc = [
             "-O3",
-            "--use_fast_math",
+            # IEEE math but for exp (see csrc/common/ce_math.h), no FMA contraction.
+            "--fmad=false",
             "--expt-relaxed-constexpr",
             "-lineinfo",
             # ATen defines these for its own CUDA code; a plain extension must not,

@@ -6,8 +6,10 @@
 #   2. bench/sanitize_cuda.py: every CUDA kernel against the CPU kernels, quickly;
 #   3. the CUDA tests (--slow included: the > 2**31-element case);
 #   4. the benchmark (python -m fused_ce.bench) with its JSON;
-#   5. compute-sanitizer memcheck, racecheck and initcheck over bench/sanitize_cuda.py;
-#   6. the --linear (with Liger-Kernel and cut-cross-entropy when carried), --step and
+#   5. bench/kernel_times.py: each op's time against a copy of the logits;
+#   6. compute-sanitizer memcheck and initcheck over bench/sanitize_cuda.py, racecheck
+#      over its --quick cases (racecheck is the slowest);
+#   7. the --step, --plot and --linear (with Liger-Kernel and cut-cross-entropy when carried), --step and
 #      --plot benchmarks.
 #
 # Everything goes to $OUT (default ./out): gpu_check.log (the whole raw log, every
@@ -16,6 +18,7 @@
 # step's own limit is cut to what is left, and a step that would start with under 20 s
 # left is skipped (and recorded). A failing step is recorded and the next one still
 # runs. The exit status is non-zero if any step failed or was skipped.
+# GPU_CHECK_SKIP="name ..." leaves the named steps out (e.g. "bench-linear").
 #
 # Dry run on a machine without a GPU: `GPU_CHECK_DRY_RUN=1 bash bench/gpu_check.sh`
 # (builds and runs everything it can, with the benchmark's --quick shapes).
@@ -42,6 +45,10 @@ say() { echo "== $(date -u +%H:%M:%S) [${SECONDS}s] $*" | tee -a "$LOG"; }
 step() {
   local name=$1 limit=$2
   shift 2
+  if [[ " ${GPU_CHECK_SKIP:-} " == *" $name "* ]]; then
+    say "$name: left out (GPU_CHECK_SKIP)"
+    return 0
+  fi
   local left=$((BUDGET - SECONDS))
   if [ "$left" -lt 20 ]; then
     say "$name: skipped, ${left}s of the budget left"
@@ -101,21 +108,26 @@ QUICK=()
 [ "$DRY_RUN" = 1 ] && QUICK=(--quick)
 step bench 150 "$PY" -m fused_ce.bench --json "$OUT/bench.json" --no-progress "${QUICK[@]}"
 
-# 5. compute-sanitizer over bench/sanitize_cuda.py (small shapes: every access is instrumented).
+# 5. Each op's time against a copy of the logits (where the time of a training call goes).
+step kernel-times 60 "$PY" bench/kernel_times.py --device "$DEVICE" "${QUICK[@]/--quick/--shape=256x4096}"
+
+# 6. compute-sanitizer over bench/sanitize_cuda.py (small shapes: every access is instrumented).
 if command -v compute-sanitizer >/dev/null 2>&1; then
-  for tool in memcheck racecheck initcheck; do
-    step "sanitizer-$tool" 90 compute-sanitizer --tool "$tool" --error-exitcode 9 --target-processes all \
-      "$PY" bench/sanitize_cuda.py --device "$DEVICE"
+  for tool in memcheck initcheck racecheck; do
+    cases=()
+    [ "$tool" = racecheck ] && cases=(--quick)
+    step "sanitizer-$tool" 150 compute-sanitizer --tool "$tool" --error-exitcode 9 --target-processes all \
+      "$PY" bench/sanitize_cuda.py --device "$DEVICE" "${cases[@]}"
   done
 else
   say "compute-sanitizer not found: skipped"
   [ "$DRY_RUN" = 1 ] || failed+=("sanitizer(missing)")
 fi
 
-# 6. The other benchmarks.
-step bench-linear 90 "$PY" -m fused_ce.bench --linear --json "$OUT/bench_linear.json" --no-progress "${QUICK[@]}"
+# 7. The other benchmarks.
 step bench-step 60 "$PY" -m fused_ce.bench --step --json "$OUT/bench_step.json" --no-progress "${QUICK[@]}"
 step bench-plot 90 "$PY" -m fused_ce.bench --plot "$OUT" --json "$OUT/bench_plot.json" --no-progress "${QUICK[@]}"
+step bench-linear 90 "$PY" -m fused_ce.bench --linear --json "$OUT/bench_linear.json" --no-progress "${QUICK[@]}"
 
 if [ ${#failed[@]} -gt 0 ]; then
   say "FAILED: ${failed[*]}"

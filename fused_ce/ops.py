@@ -31,9 +31,14 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# Fixed when fused_ce._C is loaded (before this module); a constant, so that
+# torch.compile traces the device check without a graph break.
+_CUDA_KERNELS = torch._C._dispatch_has_kernel_for_dispatch_key("fused_ce::cross_entropy_forward", "CUDA")
+
+
 def cuda_kernels_available() -> bool:
     """Whether this build of fused_ce has its CUDA kernels (it may still see no GPU)."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key("fused_ce::cross_entropy_forward", "CUDA")
+    return _CUDA_KERNELS
 
 
 @torch.library.register_fake("fused_ce::cross_entropy_forward")

@@ -353,3 +353,14 @@ def test_backward_twice_with_retain_graph(device, kind, reduction):
     first, total = twice(fused_ce.cross_entropy)
     torch.testing.assert_close(first, expected_first, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(total, expected_total, rtol=1e-5, atol=1e-6)
+
+
+def test_device_check_traces_without_a_graph_break():
+    # cross_entropy checks a CUDA input's build with cuda_kernels_available(); under
+    # torch.compile(fullgraph=True) that check must be a constant, not a dispatcher query.
+    def f(x):
+        return x + 1 if fused_ce.cuda_kernels_available() else x - 1
+
+    x = torch.zeros(3)
+    expected = f(x)
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(x), expected)

@@ -67,8 +67,19 @@ FUSED_CE_HOST_DEVICE RowStats<acc_t> empty_row_stats() {
   return {neg_inf<acc_t>(), acc_t(0), acc_t(0), acc_t(0)};
 }
 
-// (On the GPU, --use_fast_math turns these into the hardware approximations.)
-FUSED_CE_HOST_DEVICE float exp_(float x) { return expf(x); }
+// On the GPU only exp of float uses the hardware approximation (__expf: ex2.approx,
+// a few ulp; one special-function op per logit keeps the kernels memory-bound). The
+// rest is IEEE: the build uses no --use_fast_math, whose tanh.approx (softcap) and
+// approximate division cost 1e-5 relative error, and no FMA contraction (--fmad=false),
+// so the same formula rounds alike in every kernel and on the CPU -- the fused and
+// the recomputed gradients agree bit for bit.
+FUSED_CE_HOST_DEVICE float exp_(float x) {
+#ifdef __CUDA_ARCH__
+  return __expf(x);
+#else
+  return expf(x);
+#endif
+}
 FUSED_CE_HOST_DEVICE double exp_(double x) { return exp(x); }
 FUSED_CE_HOST_DEVICE float log_(float x) { return logf(x); }
 FUSED_CE_HOST_DEVICE double log_(double x) { return log(x); }
