@@ -171,6 +171,12 @@ struct Problem {
 
   acc_t class_weight(int64_t c) const { return weight ? weight[c] : acc_t(1); }
 
+  // Whether a block of n logits can be read where it is: already in the accumulation
+  // dtype, no soft-cap, whole vectors (else load_logits copies it, padded, to L1).
+  bool reads_in_place(int64_t n) const {
+    return std::is_same_v<scalar_t, acc_t> && cap <= acc_t(0) && n % kWidth == 0;
+  }
+
   int64_t load_logits(const scalar_t* x, int64_t n, acc_t* buf) const {
     return load_logits_block(x, n, buf, cap, inv_cap);
   }
@@ -230,17 +236,24 @@ struct Problem {
     RowStats<acc_t> st = empty_row_stats<acc_t>();
     for (int64_t b = 0; b < num_classes; b += kBlock) {
       const int64_t n = std::min(kBlock, num_classes - b);
-      const int64_t padded = load_logits(x + b, n, z);
+      const acc_t* zb = z;
+      int64_t padded;
+      if (reads_in_place(n)) {  // the logits are the z values already: no copy
+        zb = reinterpret_cast<const acc_t*>(x + b);
+        padded = n;
+      } else {
+        padded = load_logits(x + b, n, z);
+      }
       if (r.spread) load_spread_targets(r, b, n, t);
-      st = merge(st, block_stats(z, r.spread ? t : nullptr, padded));
+      st = merge(st, block_stats(zb, r.spread ? t : nullptr, padded));
     }
     if (r.index >= 0) add_target(st, on_target * class_weight(r.index), zy);
     return st;
   }
 
   // Writes the row's gradient p_coef * softmax - t_coef * T (times the soft-cap
-  // slope) to g. g may be x itself (in place): each block is copied to z before
-  // its gradient is written, and zy was read before any.
+  // slope) to g. g may be x itself (in place): each vector of a block is read (or
+  // the block copied to z) before its gradient is written, and zy was read before any.
   void row_grad(const Row& r, const scalar_t* x, scalar_t* g, acc_t zy, acc_t lse, acc_t pc, acc_t tc, acc_t* z,
                 acc_t* t) const {
     if (gradient_is_zero(pc, tc, r.ignored, lse)) {
@@ -255,10 +268,16 @@ struct Problem {
     const Vec nan(std::numeric_limits<acc_t>::quiet_NaN());
     for (int64_t b = 0; b < num_classes; b += kBlock) {
       const int64_t n = std::min(kBlock, num_classes - b);
-      load_logits(x + b, n, z);
+      // In place (g == x), a vector of x is read before the same vector of g is written.
+      const acc_t* zb = z;
+      if (reads_in_place(n)) {
+        zb = reinterpret_cast<const acc_t*>(x + b);
+      } else {
+        load_logits(x + b, n, z);
+      }
       if (r.spread) load_spread_targets(r, b, n, t);
       for (int64_t j = 0; j < n; j += kWidth) {
-        const Vec zj = Vec::loadu(z + j);
+        const Vec zj = Vec::loadu(zb + j);
         const Vec tj = r.spread ? Vec::loadu(t + j) : zero;
         Vec gj = grad_value(finite_lse ? exp_bounded(zj - vlse) : nan, tj, vpc, vtc);
         if (cap > 0) gj = gj * softcap_slope(zj, vinv_cap);
