@@ -1,0 +1,101 @@
+"""Vocab-parallel cross-entropy over P gloo ranks on one machine, against one process.
+
+    python bench/distributed_time.py [--ranks 2] [--shape 4096x32000] [--reps 10]
+
+Each rank holds a contiguous 1/P of the classes of the same float32 logits (a leaf)
+and runs ``vocab_parallel_cross_entropy`` + ``backward()``; rank 0 reports the median
+wall time of a call (the ranks start each call together, after a barrier) and the
+bytes of the one collective (an all_gather of the per-row statistics: 3N float32 per
+rank). The same logits then go through ``fused_ce.cross_entropy`` and
+``F.cross_entropy`` in one process (with all the machine's threads), for comparison.
+Each rank uses ``threads / P`` threads, so the machine is shared alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import fused_ce
+
+
+def _median_ms(fn, reps: int, sync=lambda: None) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        sync()
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _problem(n: int, v: int):
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(n, v, generator=gen), torch.randint(0, v, (n,), generator=gen)
+
+
+def _rank(rank: int, world: int, port: int, n: int, v: int, reps: int, threads: int, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    logits, target = _problem(n, v)
+    sizes = [v // world + (r < v % world) for r in range(world)]
+    start = sum(sizes[:rank])
+    shard = logits[:, start : start + sizes[rank]].contiguous().requires_grad_()
+
+    def call():
+        shard.grad = None
+        fused_ce.vocab_parallel_cross_entropy(shard, target, vocab_sizes=sizes).backward()
+
+    ms = _median_ms(call, reps, sync=dist.barrier)
+    loss = fused_ce.vocab_parallel_cross_entropy(shard.detach(), target, vocab_sizes=sizes)
+    if rank == 0:
+        out.put((ms, float(loss)))
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--shape", default="4096x32000")
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--port", type=int, default=29517)
+    args = parser.parse_args()
+    n, v = (int(s) for s in args.shape.split("x"))
+    threads = torch.get_num_threads()
+    per_rank = max(1, threads // args.ranks)
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_rank, args=(args.ranks, args.port, n, v, args.reps, per_rank, queue), nprocs=args.ranks)
+    ms, loss = queue.get()
+
+    logits, target = _problem(n, v)
+    x = logits.clone().requires_grad_()
+
+    def single(fn):
+        def call():
+            x.grad = None
+            fn(x, target).backward()
+
+        return _median_ms(call, args.reps)
+
+    one_fused = single(fused_ce.cross_entropy)
+    one_torch = single(F.cross_entropy)
+    expected = float(F.cross_entropy(logits, target))
+    print(f"{n}x{v} float32, forward+backward, median of {args.reps}; {threads} threads on this machine")
+    print(f"  {args.ranks} gloo ranks x {per_rank} threads, vocab_parallel_cross_entropy: {ms:8.1f} ms"
+          f"   (loss {loss:.6f}, F.cross_entropy {expected:.6f})")
+    print(f"  one process, fused_ce.cross_entropy:                {one_fused:8.1f} ms")
+    print(f"  one process, F.cross_entropy:                       {one_torch:8.1f} ms")
+    print(f"  communication per call: one all_gather of 3N float32 per rank = {3 * n * 4:,} bytes sent by each rank")
+
+
+if __name__ == "__main__":
+    main()

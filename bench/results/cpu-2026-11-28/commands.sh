@@ -1,0 +1,8 @@
+set -x
+cd /work/main && . .venv/bin/activate && export PYTHONPATH=.
+R=bench/results/cpu-2026-11-28
+lscpu | grep -E "Model name|^CPU\(s\)|Flags" | cut -c1-200
+python -m fused_ce.bench --reps 10 --no-progress --json $R/bench.json
+python -m fused_ce.bench --step --reps 10 --no-progress --json $R/bench_step.json
+python -m fused_ce.bench --linear --impls fused_ce,torch.chunked,torch --reps 10 --no-progress --json $R/bench_linear.json
+python -m fused_ce.bench --plot docs/cpu --no-progress --json $R/bench_plot.json
