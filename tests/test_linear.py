@@ -147,11 +147,18 @@ def max_error(actual, expected) -> float:
 
 
 def assert_as_accurate_as_torch(actual, torch_value, expected, what):
-    """Error vs float64 <= 2 x the composed torch ops' error at that dtype + a tiny floor."""
+    """Error vs float64 <= 2 x the composed torch ops' error at that dtype + two units in the last place.
+
+    The floor: the weight and bias gradients are sums over rows of gradient entries
+    that both sides round to the dtype, so one draw of PyTorch's error can be far below
+    its typical size (on an H200, a 19-row bf16 bias gradient: PyTorch 0.3 ulp from
+    float64, fused_ce 1.7). That fused_ce is at least as accurate *on average* is
+    test_low_precision_errors_on_average_no_worse_than_torch's.
+    """
     assert torch.equal(actual.isnan().cpu(), expected.isnan().cpu()), f"{what}: NaN pattern differs"
     finite = ~expected.isnan()
     scale = float(expected[finite].abs().max()) if bool(finite.any()) else 0.0
-    floor = 1e-6 * scale + 1e-8
+    floor = 2 * torch.finfo(actual.dtype).eps * scale + 1e-8
     error, torch_error = max_error(actual, expected), max_error(torch_value, expected)
     assert error <= 2 * torch_error + floor, (
         f"{what}: max error {error:.3g} vs float64, PyTorch's own error at this dtype is {torch_error:.3g}"
@@ -234,6 +241,25 @@ def test_chunk_sizes(device, chunk_size):
 def test_vocabulary_sizes(device, dtype, num_classes):
     x, w, target, kwargs = make_problem("bias", (19,), 32, num_classes, dtype, device)
     check_against_reference(x, w, target, "mean", dict(kwargs, chunk_size=6))
+
+
+def test_low_precision_errors_on_average_no_worse_than_torch(device):
+    # The statistical form of assert_as_accurate_as_torch: over many small bf16 problems
+    # (where single draws vary most), fused_ce's mean error against float64 is at most
+    # PyTorch's, for the loss and every gradient.
+    sums = torch.zeros(2, 4, dtype=torch.float64)  # [fused_ce, torch] x [loss, input, weight, bias]
+    for seed in range(30):
+        torch.manual_seed(seed)
+        x, w, target, kwargs = make_problem("bias", (19,), 32, 2, torch.bfloat16, device)
+        kwargs = dict(kwargs, reduction="mean")
+        upstream = random_upstream((), device)
+        expected = reference_loss_and_grads(x, w, target, upstream, kwargs)
+        ours = loss_and_grads(linear_cross_entropy, x, w, target, upstream, dict(kwargs, chunk_size=6))
+        theirs = loss_and_grads(composed_loss, x, w, target, upstream, kwargs)
+        for k, (got, want) in enumerate(((ours, expected), (theirs, expected))):
+            values, exp_values = (got[0], *got[1]), (want[0], *want[1])
+            sums[k] += torch.tensor([max_error(a, e) for a, e in zip(values, exp_values)])
+    assert bool((sums[0] <= sums[1]).all()), f"mean errors, fused_ce {sums[0] / 30} vs torch {sums[1] / 30}"
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
