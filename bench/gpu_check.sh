@@ -9,8 +9,8 @@
 #   5. bench/kernel_times.py: each op's time against a copy of the logits;
 #   6. compute-sanitizer memcheck and initcheck over bench/sanitize_cuda.py, racecheck
 #      over its --quick cases (racecheck is the slowest);
-#   7. the --step, --plot and --linear (with Liger-Kernel and cut-cross-entropy when carried), --step and
-#      --plot benchmarks.
+#   7. the --step, --plot and --linear benchmarks (--linear with Liger-Kernel and
+#      cut-cross-entropy when their wheels are carried).
 #
 # Everything goes to $OUT (default ./out): gpu_check.log (the whole raw log, every
 # step's output in it), the benchmarks' JSON and the plots. The steps run in that

@@ -358,11 +358,23 @@ def _check_inplace(input: Tensor) -> None:
             "inplace_backward=True would overwrite input with its gradient, but input is a view of a leaf "
             "tensor that requires grad"
         )
-    if torch._debug_has_internal_overlap(input) == 1:  # 1: overlaps for sure (e.g. stride 0); 2: unknown
+    if _may_overlap(input):
         raise ValueError(
-            "inplace_backward=True needs input whose elements do not share memory (not, e.g., an expand()); "
-            "pass input.contiguous() or use inplace_backward=False"
+            "inplace_backward=True needs input whose elements do not share memory (not, e.g., an expand() "
+            "or rows from unfold()); pass input.contiguous() or use inplace_backward=False"
         )
+
+
+def _may_overlap(t: Tensor) -> bool:
+    """Whether two elements of t may share memory: its strides, smallest first, must each pass
+    the farthest offset the smaller dimensions reach (a contiguous or padded layout does; an
+    expand, stride 0, or overlapping unfold() rows do not)."""
+    reach = 0
+    for stride, size in sorted((abs(st), n) for st, n in zip(t.stride(), t.shape) if n > 1):
+        if stride <= reach:
+            return True
+        reach += stride * (size - 1)
+    return False
 
 
 def _rows_view(t: Tensor, class_dim: int) -> Tensor:

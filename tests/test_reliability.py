@@ -308,6 +308,28 @@ def test_inplace_backward_on_rows_that_share_memory_raises_and_leaves_them_intac
     assert torch.equal(shared.detach(), before), "the logits were overwritten although the call raised"
 
 
+def test_inplace_backward_on_overlapping_rows_raises_and_leaves_them_intact(device):
+    # unfold() rows that overlap (row stride 2 < 7 classes): one row's gradient would
+    # overwrite the next row's logits while they are read.
+    base = torch.randn(20, device=device, requires_grad=True)
+    flat = base * 1
+    rows = flat.unfold(0, 7, 2)  # [7, 7], stride (2, 1)
+    before = flat.detach().clone()
+    with pytest.raises(ValueError, match=r"inplace_backward.*share memory"):
+        fused_ce.cross_entropy(rows, torch.arange(7, device=device) % 7, inplace_backward=True)
+    assert torch.equal(flat.detach(), before), "the logits were overwritten although the call raised"
+
+
+def test_inplace_backward_accepts_padded_rows(device):
+    # Rows with a stride beyond the class count (a padded buffer) share no memory.
+    base = torch.randn(4, 10, device=device, requires_grad=True)
+    padded = (base * 1)[:, :7]
+    target = torch.tensor([1, 2, 3, 4], device=device)
+    expected = torch.func.grad(lambda x: torch.nn.functional.cross_entropy(x, target))(padded.detach().clone())
+    fused_ce.cross_entropy(padded, target, inplace_backward=True).backward()
+    torch.testing.assert_close(base.grad[:, :7], expected)
+
+
 def test_inplace_backward_without_grad_leaves_the_logits_intact():
     # Nothing to differentiate (no_grad, or logits that do not require grad): the
     # option does nothing; the logits keep their values and the loss is PyTorch's.

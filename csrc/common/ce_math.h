@@ -71,8 +71,9 @@ FUSED_CE_HOST_DEVICE RowStats<acc_t> empty_row_stats() {
 // a few ulp; one special-function op per logit keeps the kernels memory-bound). The
 // rest is IEEE: the build uses no --use_fast_math, whose tanh.approx (softcap) and
 // approximate division cost 1e-5 relative error, and no FMA contraction (--fmad=false),
-// so the same formula rounds alike in every kernel and on the CPU -- the fused and
-// the recomputed gradients agree bit for bit.
+// so the same formula rounds alike in every CUDA kernel -- the fused and the
+// recomputed gradients agree bit for bit. (The CPU kernels agree among themselves;
+// they use at::vec's exp_u20 and may contract, so CPU and GPU differ in the last bits.)
 FUSED_CE_HOST_DEVICE float exp_(float x) {
 #ifdef __CUDA_ARCH__
   return __expf(x);

@@ -3,7 +3,8 @@
 // at::vec::Vectorized is the real SIMD type in each copy.
 //
 // Rows run in parallel (at::parallel_for). A row is processed in blocks of
-// kBlock entries: the block is converted to an fp32 (fp64 for double) copy in L1,
+// kBlock entries: float32/float64 blocks of whole vectors without a soft-cap are
+// read where they are, others converted to an fp32 (fp64 for double) copy in L1;
 // one pass takes its max and a second its exp-sum and target sums, and the
 // block's statistics merge into the row's by the online log-sum-exp
 // (common/ce_math.h). Each logit is read from memory once and needs one exp.
