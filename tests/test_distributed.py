@@ -15,6 +15,7 @@ without, they are reported as skipped.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import queue
@@ -348,8 +349,9 @@ def case_layout_arguments(group, rank, size):
     return found.reshape(-1)
 
 
-def _count_collectives(log: list):
-    """Wraps torch.distributed's collectives to log (name, bytes this rank contributes); returns an undo."""
+@contextlib.contextmanager
+def _collectives_logged(log: list):
+    """Within it, torch.distributed's collectives append (name, bytes this rank contributes) to log."""
     names = ["all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "broadcast", "reduce",
              "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "gather", "scatter",
              "send", "recv", "isend", "irecv", "barrier"]
@@ -367,7 +369,11 @@ def _count_collectives(log: list):
 
     for n, fn in saved.items():
         setattr(dist, n, wrap(n, fn))
-    return lambda: [setattr(dist, n, fn) for n, fn in saved.items()]
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(dist, n, fn)
 
 
 def case_bytes_per_call(group, rank, size, *, num_rows):
@@ -382,16 +388,10 @@ def case_bytes_per_call(group, rank, size, *, num_rows):
             target = torch.randint(0, sum(sizes), (num_rows,), generator=gen)
             for layout in ({}, {"vocab_sizes": sizes}):
                 forward_log, backward_log = [], []
-                undo = _count_collectives(forward_log)
-                try:
+                with _collectives_logged(forward_log):
                     loss = fd.vocab_parallel_cross_entropy(logits, target, group=group, **layout)
-                finally:
-                    undo()
-                undo = _count_collectives(backward_log)
-                try:
+                with _collectives_logged(backward_log):
                     loss.backward()
-                finally:
-                    undo()
                 check.true(backward_log == [], f"{strategy}: backward communicated {backward_log}")
                 report[(strategy, bool(layout), scale)] = forward_log
     fd._ALL_GATHER_MAX_RANKS = STRATEGIES["all_gather"]
@@ -478,18 +478,12 @@ def case_linear_bytes(group, rank, size):
             w = torch.randn(sizes[rank], 8, generator=gen, requires_grad=True)
             target = torch.randint(0, sum(sizes), (16,), generator=gen)
             forward_log, backward_log = [], []
-            undo = _count_collectives(forward_log)
-            try:
+            with _collectives_logged(forward_log):
                 loss = fd.vocab_parallel_linear_cross_entropy(
                     x, w, target, group=group, vocab_sizes=sizes, chunk_size=5, reduce_input_grad=reduce_input_grad
                 )
-            finally:
-                undo()
-            undo = _count_collectives(backward_log)
-            try:
+            with _collectives_logged(backward_log):
                 loss.backward()
-            finally:
-                undo()
             report[(reduce_input_grad, scale)] = (forward_log, backward_log)
     return report
 
