@@ -95,6 +95,32 @@ __device__ __forceinline__ void for_each_owned(const RowSplit& split, int64_t nu
   if (tail < num_classes) f_scalar(tail);
 }
 
+// Writes value(x_c, c) to out[c] for each element c of the row x that this thread
+// owns. out may be x itself (in place): each vector is read before it is written.
+// out's rows may be aligned differently from x's (they are contiguous, x may not
+// be); then vectors are stored element by element.
+template <typename scalar_t, int kThreads, typename ValueFn>
+__device__ __forceinline__ void write_row(const scalar_t* x, scalar_t* out, const RowSplit& split,
+                                          int64_t num_classes, int lane, ValueFn value) {
+  constexpr int W = kVecWidth<scalar_t>;
+  const bool aligned_out = reinterpret_cast<uintptr_t>(out) % 16 == reinterpret_cast<uintptr_t>(x) % 16;
+  for_each_owned<scalar_t, kThreads>(
+      split, num_classes, lane,
+      [&](int64_t c0) {
+        const auto pk = *reinterpret_cast<const Pack<scalar_t, W>*>(x + c0);
+        Pack<scalar_t, W> res;
+#pragma unroll
+        for (int k = 0; k < W; ++k) res.v[k] = static_cast<scalar_t>(value(pk.v[k], c0 + k));
+        if (aligned_out) {
+          *reinterpret_cast<Pack<scalar_t, W>*>(out + c0) = res;
+        } else {
+#pragma unroll
+          for (int k = 0; k < W; ++k) out[c0 + k] = res.v[k];
+        }
+      },
+      [&](int64_t c) { out[c] = static_cast<scalar_t>(value(x[c], c)); });
+}
+
 template <typename acc_t>
 __device__ __forceinline__ acc_t fmax_(acc_t a, acc_t b) {
   return a > b ? a : b;  // a NaN b is dropped here; the exp-sum still turns NaN
@@ -223,7 +249,6 @@ __device__ __forceinline__ void write_row_grad(const RowContext<scalar_t>& ctx, 
                                                acc_type<scalar_t> lse, acc_type<scalar_t> p_coef,
                                                acc_type<scalar_t> t_coef, scalar_t* g) {
   using acc_t = acc_type<scalar_t>;
-  constexpr int W = kVecWidth<scalar_t>;
   const RowProblem<scalar_t>& p = ctx.p;
   const bool zero_row = gradient_is_zero(p_coef, t_coef, ctx.ignored, lse);
   const acc_t nan = acc_t(__int_as_float(0x7fffffff));
@@ -236,24 +261,8 @@ __device__ __forceinline__ void write_row_grad(const RowContext<scalar_t>& ctx, 
     return v;
   };
 
-  // The gradient rows may be aligned differently from the logits' (they are
-  // contiguous, the logits may not be); then vectors are stored element by element.
-  const bool aligned_out = reinterpret_cast<uintptr_t>(g) % 16 == reinterpret_cast<uintptr_t>(ctx.logits) % 16;
-  for_each_owned<scalar_t, kThreads>(
-      split, p.num_classes, lane,
-      [&](int64_t c0) {
-        const auto pk = *reinterpret_cast<const Pack<scalar_t, W>*>(ctx.logits + c0);
-        Pack<scalar_t, W> res;
-#pragma unroll
-        for (int k = 0; k < W; ++k) res.v[k] = static_cast<scalar_t>(grad_at(ctx.logit(pk.v[k]), c0 + k));
-        if (aligned_out) {
-          *reinterpret_cast<Pack<scalar_t, W>*>(g + c0) = res;
-        } else {
-#pragma unroll
-          for (int k = 0; k < W; ++k) g[c0 + k] = res.v[k];
-        }
-      },
-      [&](int64_t c) { g[c] = static_cast<scalar_t>(grad_at(ctx.logit(ctx.logits[c]), c)); });
+  write_row<scalar_t, kThreads>(ctx.logits, g, split, p.num_classes, lane,
+                                [&](scalar_t x, int64_t c) { return grad_at(ctx.logit(x), c); });
 }
 
 // Per-row statistics (loss, lse, mass) and, with kWithGrad, the gradient of the
@@ -369,7 +378,6 @@ __global__ void __launch_bounds__(block_size<kThreads>()) entropy_forward_kernel
 template <typename scalar_t, int kThreads>
 __global__ void __launch_bounds__(block_size<kThreads>()) entropy_backward_kernel(const EntropyArgs<scalar_t> a) {
   using acc_t = acc_type<scalar_t>;
-  constexpr int W = kVecWidth<scalar_t>;
   const int lane = lane_in_row<kThreads>();
   const int64_t row = row_of_thread<kThreads>();
   if (row >= a.num_rows) return;
@@ -381,22 +389,8 @@ __global__ void __launch_bounds__(block_size<kThreads>()) entropy_backward_kerne
     const acc_t p = exp_(z - lse);
     return p == acc_t(0) ? acc_t(0) : entropy_grad_value(p, z, lse, h, gh);  // p = 0: 0, not 0 * inf
   };
-  const bool aligned_out = reinterpret_cast<uintptr_t>(g) % 16 == reinterpret_cast<uintptr_t>(x) % 16;
-  for_each_owned<scalar_t, kThreads>(
-      split_row(x, a.num_classes), a.num_classes, lane,
-      [&](int64_t c0) {
-        const auto pk = *reinterpret_cast<const Pack<scalar_t, W>*>(x + c0);
-        Pack<scalar_t, W> res;
-#pragma unroll
-        for (int k = 0; k < W; ++k) res.v[k] = static_cast<scalar_t>(grad_at(static_cast<acc_t>(pk.v[k])));
-        if (aligned_out) {
-          *reinterpret_cast<Pack<scalar_t, W>*>(g + c0) = res;
-        } else {
-#pragma unroll
-          for (int k = 0; k < W; ++k) g[c0 + k] = res.v[k];
-        }
-      },
-      [&](int64_t c) { g[c] = static_cast<scalar_t>(grad_at(static_cast<acc_t>(x[c]))); });
+  write_row<scalar_t, kThreads>(x, g, split_row(x, a.num_classes), a.num_classes, lane,
+                                [&](scalar_t v, int64_t) { return grad_at(static_cast<acc_t>(v)); });
 }
 
 // rows[i] *= scale[i], skipping rows whose scale is exactly 1 (a plain
