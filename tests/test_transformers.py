@@ -426,7 +426,7 @@ def test_llama_32k_same_loss_and_gradients():
 def test_llama_32k_peak_memory_at_most_0_6x_of_stock():
     stock, fused = (_measure_in_subprocess(variant) for variant in ("stock", "fused"))
     assert fused["loss"] == pytest.approx(stock["loss"], rel=1e-5)
-    # Measured 0.12 (61 MiB against 523 MiB, 2 threads); the goal is 0.6.
+    # Measured 0.12 (60 MiB against 524 MiB, 2 threads); the goal is 0.6.
     assert fused["extra_peak_mib"] <= 0.6 * stock["extra_peak_mib"], (stock, fused)
 
 
