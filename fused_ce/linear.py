@@ -29,6 +29,13 @@ Two ways to cut the work, chosen from a memory budget for that buffer:
   machines with MKL, see ``_FUSED_MIN_ROWS``), so when the budget only fits a few
   rows of the whole vocabulary, blocks are faster despite the extra matmul.
 
+* **All rows x blocks of classes** (``N x K``), the same two passes with a single
+  chunk of every row: each class block's weight gradient is then one matmul over
+  all the rows, written once in the weight's dtype (the matmul accumulates in fp32
+  inside). This is the CUDA fp16/bf16 default: the other plans sum the weight
+  gradient over chunks of rows, which wants an fp32 ``[V, D]`` accumulator (2.4 GB
+  for 256000 x 2304 -- twice the bf16 gradient) and a read and write of it per chunk.
+
 When a gradient is wanted and the reduction is 'mean' or 'sum', the forward pass
 computes it (either way) and backward only scales it by the upstream scalar. When it
 cannot be computed ahead -- ``reduction='none'`` (its upstream is per row), a second
@@ -39,21 +46,27 @@ The chunk plan (rows, classes) per block::
 
     chunk_size=C (an int)           C rows over the whole vocabulary
     chunk_size=(R, K)               R rows x K classes
+    chunk_size=(None, K)            all rows x K classes
     None: from the budget B bytes   (FUSED_CE_LINEAR_CHUNK_MB MiB if set, else
                                      _DEFAULT_BUDGET_MB for the device type)
-        C = B // (V * s)            whole-vocabulary chunks if C >= _FUSED_MIN_ROWS
+        CUDA fp16/bf16:             all rows x K = B // (N * s) classes (a
+                                    multiple of 64, >= 128), K fixed per call
+        else C = B // (V * s)       whole-vocabulary chunks if C >= _FUSED_MIN_ROWS
                                     (rounded down to a multiple of 8),
         else R = _BLOCK_ROWS,       K = B // (R * s) (a multiple of 64, >= 128)
 
 with ``s`` the logits' element size in the compute dtype (the input's, except fp16/
 bf16 on the CPU, which compute in fp32: the CPU BLAS has no fp32-accumulating fp16/
-bf16 matmul). It depends on V and the dtype only, not on N, so torch.compile sees
-constants. The buffer is at most ``min(rows, N) x classes``.
+bf16 matmul). The plan the ops receive depends on V, the dtype and the device only,
+not on N, so torch.compile sees constants; the all-rows plan's K, which depends on
+N, is settled inside the op. The buffer is at most ``min(rows, N) x classes``.
 
 Precision: the logits are computed in the input's dtype, as ``F.linear`` does (CPU
 fp16/bf16: in fp32, more accurate). Gradients that sum over chunks or blocks
 accumulate in fp32 for fp16/bf16, and each is rounded to its dtype once, after the
-upstream scale.
+upstream scale -- but for the weight's in the all-rows plan, which has no sum over
+chunks: it is rounded once when made, and once more if the upstream gradient is a
+scalar other than 1 (as a ``loss * s`` before ``backward()``).
 
 The ops (torch.library custom ops, so torch.compile and opcheck see them):
 
@@ -94,9 +107,10 @@ from .ops import _gradient_by_formula, accumulate_dtype
 CHUNK_ENV = "FUSED_CE_LINEAR_CHUNK_MB"
 
 # The default budget of the logits buffer, in MiB, per device type.
-#   cuda: 256 MiB -- 512 rows of a 256k bf16 vocabulary: enough rows for cuBLAS to run
-#         near its peak, and small next to the fp32 weight gradient (2.4 GB for
-#         256000 x 2304).
+#   cuda: 256 MiB -- fp16/bf16 (all rows): 16384 classes of 8192 rows; fp32: 256
+#         rows of a 256k vocabulary. Enough for cuBLAS to run near its peak, and
+#         small next to the weight gradient (1.1 GB for 256000 x 2304 bf16). Not yet
+#         tuned on a GPU for the all-rows plan.
 #   cpu:  3 MiB -- blocks of 1024 rows x 768 classes at V = 32000 fp32. Measured on
 #         4096 x 256 x 32000 fp32, fwd+bwd, 2 threads, best of 7 interleaved, against
 #         torch's chunked F.linear_cross_entropy (8 MiB of workspace): blocks of
@@ -116,6 +130,9 @@ _DEFAULT_BUDGET_MB = {"cuda": 256.0, "cpu": 3.0}
 #   G.T @ x     59    91    100    101
 # cuBLAS keeps a [C, V] x [V, D] product busy from a few hundred rows.
 _FUSED_MIN_ROWS = {"cuda": 128, "cpu": 128}
+# A plan's rows: one chunk of every row, classes per block from the budget and N
+# (settled in the op, see Head.planned).
+ALL_ROWS = -1
 _BLOCK_ROWS = {"cuda": 2048, "cpu": 1024}
 _MIN_BLOCK_CLASSES = 128
 _ROW_ALIGN = 8
@@ -136,9 +153,11 @@ def chunk_plan(num_classes: int, dtype: torch.dtype, device: torch.device, chunk
     """(rows, classes) per block of logits (see the module docstring for the rule)."""
     if chunk_size is not None:
         return _explicit_plan(chunk_size, num_classes)
-    key = device.type if device.type in _DEFAULT_BUDGET_MB else "cuda"
+    key = _device_key(device)
     itemsize = compute_dtype(dtype, device).itemsize
     budget = _budget_bytes(key)
+    if key == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        return ALL_ROWS, -1
     rows = budget // (num_classes * itemsize)
     if rows >= _FUSED_MIN_ROWS[key]:
         return _align_down(rows, _ROW_ALIGN), num_classes
@@ -154,8 +173,11 @@ def chunk_rows(num_classes: int, dtype: torch.dtype, device: torch.device, chunk
     considers blocks of classes, which are faster when few rows fit.
     """
     if chunk_size is not None:
-        return _explicit_plan(chunk_size, num_classes)[0]
-    key = device.type if device.type in _DEFAULT_BUDGET_MB else "cuda"
+        rows = _explicit_plan(chunk_size, num_classes)[0]
+        if rows == ALL_ROWS:
+            raise ValueError("chunk_size: whole rows are wanted here, so rows must be an int, not None")
+        return rows
+    key = _device_key(device)
     return _align_down(_budget_bytes(key) // (num_classes * compute_dtype(dtype, device).itemsize), _ROW_ALIGN)
 
 
@@ -165,12 +187,28 @@ def _explicit_plan(chunk_size, num_classes: int) -> tuple[int, int]:
 
     if positive(chunk_size):
         return chunk_size, num_classes
-    if isinstance(chunk_size, (tuple, list)) and len(chunk_size) == 2 and all(positive(n) for n in chunk_size):
-        return chunk_size[0], min(chunk_size[1], num_classes)
+    if isinstance(chunk_size, (tuple, list)) and len(chunk_size) == 2:
+        rows, classes = chunk_size
+        if (rows is None or positive(rows)) and positive(classes):
+            return ALL_ROWS if rows is None else rows, min(classes, num_classes)
     raise ValueError(
-        "chunk_size must be None, a positive int (rows per chunk) or a pair of positive ints (rows, classes), "
-        f"got {chunk_size!r}"
+        "chunk_size must be None, a positive int (rows per chunk) or a pair (rows, classes) of positive ints "
+        f"(rows may be None: all of them), got {chunk_size!r}"
     )
+
+
+def _device_key(device: torch.device) -> str:
+    """The device type's entry in the plan tables (other accelerators: CUDA's)."""
+    return device.type if device.type in _DEFAULT_BUDGET_MB else "cuda"
+
+
+def grad_weight_dtype(weight_dtype: torch.dtype, chunk_rows: int) -> torch.dtype:
+    """The dtype in which the ops return the weight's gradient for a plan with ``chunk_rows``.
+
+    The accumulation dtype when it sums over chunks of rows; the weight's own in the
+    all-rows plan, where each class block's gradient is one matmul.
+    """
+    return weight_dtype if chunk_rows == ALL_ROWS else accumulate_dtype(weight_dtype)
 
 
 def _align_down(n: int, multiple: int) -> int:
@@ -231,6 +269,23 @@ class Head:
     def block_classes(self) -> int:
         """Classes per block of logits."""
         return self.num_classes if self.classes < 0 else min(self.classes, self.num_classes)
+
+    @property
+    def all_rows(self) -> bool:
+        """The all-rows plan (``rows`` ALL_ROWS): one chunk of every row."""
+        return self.rows == ALL_ROWS
+
+    def planned(self) -> Head:
+        """The all-rows plan made concrete: ``rows`` N, and ``classes`` from the budget if -1."""
+        if not self.all_rows:
+            return self
+        rows = max(self.num_rows, 1)
+        classes = self.classes
+        if classes < 0:
+            itemsize = compute_dtype(self.input.dtype, self.input.device).itemsize
+            budget = _budget_bytes(_device_key(self.input.device))
+            classes = max(_MIN_BLOCK_CLASSES, _align_down(budget // (rows * itemsize), _CLASS_ALIGN))
+        return replace(self, rows=rows, classes=classes)
 
     @property
     def whole_rows(self) -> bool:
@@ -296,18 +351,20 @@ class _Blocks:
 class _Gradients:
     """The gradients of input ``[N, D]``, weight ``[V, D]`` and bias ``[V]``, block by block.
 
-    All three are kept in the accumulation dtype (fp32 for fp16/bf16), so that the
-    sums over blocks lose nothing and the result is rounded once, after the upstream
-    scale. On CUDA fp16/bf16 the matmuls write fp32 directly (cuBLAS ``out_dtype``);
-    elsewhere the operands already have the accumulation dtype.
+    They are kept in the accumulation dtype (fp32 for fp16/bf16), so that the sums
+    over blocks lose nothing and the result is rounded once, after the upstream
+    scale; on CUDA fp16/bf16 the matmuls write fp32 directly (cuBLAS ``out_dtype``),
+    elsewhere the operands already have the accumulation dtype. The weight's, when
+    each class block's is one matmul over all rows, is ``weight_dtype``
+    (:func:`grad_weight_dtype`).
     """
 
-    def __init__(self, head: Head, needs: tuple[bool, bool, bool]):
+    def __init__(self, head: Head, needs: tuple[bool, bool, bool], weight_dtype: torch.dtype):
         self.head = head
         acc = accumulate_dtype(head.input.dtype)
         x, w = head.input, head.weight
         self.input = x.new_empty(x.shape, dtype=acc) if needs[0] else None
-        self.weight = w.new_empty(w.shape, dtype=acc) if needs[1] else None
+        self.weight = w.new_empty(w.shape, dtype=weight_dtype) if needs[1] else None
         self.bias = w.new_zeros(w.shape[0], dtype=acc) if needs[2] else None
 
     def add(self, rows: slice, classes: slice, grad_logits: Tensor) -> None:
@@ -325,7 +382,7 @@ class _Gradients:
                 _addmm_(out, grad_logits, w)
         if self.weight is not None:
             out, x = self.weight[classes], h.input[rows]
-            if rows.start == 0:
+            if rows.start == 0:  # the only chunk of the all-rows plan
                 _mm(grad_logits.t(), x, out=out)
             else:
                 _addmm_(out, grad_logits.t(), x)
@@ -343,12 +400,12 @@ class _Gradients:
 
 
 def _mm(a: Tensor, b: Tensor, out: Tensor) -> None:
-    """out = a @ b; out may be fp32 for fp16/bf16 operands (CUDA)."""
+    """out = a @ b; out may be fp32 for fp16/bf16 operands (CUDA), or fp16/bf16 for fp32 ones (CPU)."""
     if out.dtype == a.dtype:
         torch.mm(a, b, out=out)
-    elif _fp32_output_support(a.device, a.dtype)[0]:
+    elif out.dtype == torch.float32 and _fp32_output_support(a.device, a.dtype)[0]:
         torch.mm(a, b, out_dtype=out.dtype, out=out)
-    else:  # a torch without fp32-output matmuls: rounded once, as F.linear's gradient
+    else:  # rounded once, as F.linear's gradient (a block-sized transient)
         out.copy_(torch.mm(a, b))
 
 
@@ -443,7 +500,7 @@ def shard_statistics(head: Head) -> tuple[Tensor, Tensor, Tensor]:
     For a shard they are its partial statistics, which merge across shards (see
     fused_ce/distributed.py).
     """
-    head = head.in_compute_dtype()
+    head = head.in_compute_dtype().planned()
     acc = accumulate_dtype(head.input.dtype)
     out = tuple(head.input.new_empty(head.num_rows, dtype=acc) for _ in range(3))
     blocks = _Blocks(head)
@@ -460,11 +517,13 @@ def shard_gradients(
 
     The logits' gradient of row i is ``p_coef_i * softmax - t_coef_i * T`` (ops.py),
     with the full row's ``lse`` ``[N]``. Returns ``(grad_input [N, D], grad_weight
-    [V, D], grad_bias [V])`` in the accumulation dtype, an empty tensor for each one
-    ``needs`` leaves out. For a shard, grad_input is this shard's part of a sum.
+    [V, D], grad_bias [V])`` in the accumulation dtype (grad_weight: see
+    :func:`grad_weight_dtype`), an empty tensor for each one ``needs`` leaves out.
+    For a shard, grad_input is this shard's part of a sum.
     """
-    head = head.in_compute_dtype()
-    grads = _Gradients(head, needs)
+    weight_dtype = grad_weight_dtype(head.weight.dtype, head.rows)
+    head = head.in_compute_dtype().planned()
+    grads = _Gradients(head, needs, weight_dtype)
     blocks = _Blocks(head)
     with _no_autocast(head):
         for rows in blocks.row_chunks():
@@ -485,11 +544,12 @@ def fused_objective_and_gradients(
     """
     if head.vocab_total not in (-1, head.num_classes):
         raise ValueError("the fused path needs the whole vocabulary; for a shard use shard_statistics/shard_gradients")
-    head = head.in_compute_dtype()
+    weight_dtype = grad_weight_dtype(head.weight.dtype, head.rows)
+    head = head.in_compute_dtype().planned()
     acc = accumulate_dtype(head.input.dtype)
     loss, lse, mass = (head.input.new_empty(head.num_rows, dtype=acc) for _ in range(3))
     objective = head.input.new_zeros((), dtype=acc)
-    grads = _Gradients(head, needs)
+    grads = _Gradients(head, needs, weight_dtype)
     blocks = _Blocks(head)
     with _no_autocast(head):
         for rows in blocks.row_chunks():
@@ -599,11 +659,12 @@ def _fused_op(
     return fused_objective_and_gradients(head, row_scale, z_scale, needs)
 
 
-def _grad_fakes(input, linear_weight, linear_bias, needs):
+def _grad_fakes(input, linear_weight, linear_bias, chunk_rows, needs):
     acc = accumulate_dtype(input.dtype)
     shapes = (input.shape, linear_weight.shape, linear_weight.shape[:1])
+    dtypes = (acc, grad_weight_dtype(linear_weight.dtype, chunk_rows) if needs[1] else acc, acc)
     needs = (needs[0], needs[1], needs[2] and linear_bias is not None)
-    return tuple(input.new_empty(s if need else (0,), dtype=acc) for s, need in zip(shapes, needs))
+    return tuple(input.new_empty(s if need else (0,), dtype=d) for s, d, need in zip(shapes, dtypes, needs))
 
 
 @_forward_op.register_fake
@@ -616,7 +677,7 @@ def _(input, linear_weight, linear_bias, target, weight, ignore_index, label_smo
 @_backward_op.register_fake
 def _(input, linear_weight, linear_bias, target, weight, lse, p_coef, t_coef, ignore_index, label_smoothing, softcap,
       chunk_rows, chunk_classes, input_grad, weight_grad, bias_grad):
-    return _grad_fakes(input, linear_weight, linear_bias, (input_grad, weight_grad, bias_grad))
+    return _grad_fakes(input, linear_weight, linear_bias, chunk_rows, (input_grad, weight_grad, bias_grad))
 
 
 @_fused_op.register_fake
@@ -625,7 +686,7 @@ def _(input, linear_weight, linear_bias, target, weight, row_scale, z_scale, ign
     acc = accumulate_dtype(input.dtype)
     rows = tuple(input.new_empty(input.shape[0], dtype=acc) for _ in range(2))
     return (input.new_empty((), dtype=acc),) + rows + _grad_fakes(
-        input, linear_weight, linear_bias, (input_grad, weight_grad, bias_grad)
+        input, linear_weight, linear_bias, chunk_rows, (input_grad, weight_grad, bias_grad)
     )
 
 
@@ -891,8 +952,9 @@ def linear_cross_entropy(
         z_loss: adds ``z_loss * lse**2`` per non-ignored row (see :func:`fused_ce.cross_entropy`).
         softcap: soft-caps the logits to ``softcap * tanh(logits / softcap)`` first.
         chunk_size: rows per chunk (over the whole vocabulary), or a pair (rows,
-            classes) per block; None picks them from a memory budget (module
-            docstring; environment variable ``FUSED_CE_LINEAR_CHUNK_MB``).
+            classes) per block, rows None for all of them; None picks them from a
+            memory budget (module docstring; environment variable
+            ``FUSED_CE_LINEAR_CHUNK_MB``).
 
     Returns:
         The loss in input's dtype (float32 under autocast, as ``F.cross_entropy``'s):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import fused_ce
 import fused_ce.linear
 from fused_ce.linear import (
+    ALL_ROWS,
     CHUNK_ENV,
     Head,
     LinearCrossEntropyLoss,
@@ -203,11 +204,13 @@ def check_against_reference(x, w, target, reduction, kwargs):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("option", list(OPTIONS))
-@pytest.mark.parametrize("chunk_size", [None, 5, (8, 24)], ids=["chunk_auto", "rows5", "blocks8x24"])
+@pytest.mark.parametrize("chunk_size", [None, 5, (8, 24), (None, 24)],
+                         ids=["chunk_auto", "rows5", "blocks8x24", "allrows24"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
 def test_matches_reference(device, dtype, chunk_size, option, reduction):
-    # N = 37 rows in chunks of 5 (the last one short) over the whole vocabulary, or
-    # in blocks of 8 rows x 24 classes (two passes; V = 131: the last block short).
+    # N = 37 rows in chunks of 5 (the last one short) over the whole vocabulary, in
+    # blocks of 8 rows x 24 classes (two passes; V = 131: the last block short), or
+    # all rows x 24 classes (the weight's gradient written once, in its dtype).
     x, w, target, kwargs = make_problem(option, (37,), 24, 131, dtype, device)
     check_against_reference(x, w, target, reduction, dict(kwargs, chunk_size=chunk_size))
 
@@ -229,10 +232,14 @@ def test_unbatched_input(device, option, reduction):
     check_against_reference(x, w, target, reduction, kwargs)
 
 
-@pytest.mark.parametrize("chunk_size", [1, 3, 8, 64, (1, 1), (4, 10), (64, 30), (5, 77), (5, 500)], ids=str)
+@pytest.mark.parametrize(
+    "chunk_size", [1, 3, 8, 64, (1, 1), (4, 10), (64, 30), (5, 77), (5, 500), (None, 1), (None, 10), (None, 500)],
+    ids=str,
+)
 def test_chunk_sizes(device, chunk_size):
     # Chunks of one row, chunks that do not divide N, one chunk larger than N; blocks
-    # of one logit, blocks that do not divide N or V, and blocks of the whole vocabulary.
+    # of one logit, blocks that do not divide N or V, and blocks of the whole
+    # vocabulary; all rows x one class, x blocks that do not divide V, x all of V.
     x, w, target, kwargs = make_problem("weight_smoothing_ignore", (21,), 16, 77, torch.float64, device)
     check_against_reference(x, w, target, "mean", dict(kwargs, chunk_size=chunk_size))
 
@@ -308,11 +315,12 @@ def test_integer_targets(device, target_dtype):
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean"])
-@pytest.mark.parametrize("chunk_size", [5, (8, 24)], ids=["rows5", "blocks8x24"])
+@pytest.mark.parametrize("chunk_size", [5, (8, 24), (None, 24)], ids=["rows5", "blocks8x24", "allrows24"])
 def test_low_precision_logits_with_fp32_accumulation(monkeypatch, chunk_size, reduction):
     # The CUDA fp16/bf16 path on the CPU: bf16 logits and matmuls, gradients summed
-    # in fp32. This torch's CPU matmuls cannot write fp32 from bf16, so this covers
-    # the fallback (bf16 products, added in fp32) that an older torch takes on CUDA.
+    # in fp32 (all rows, CUDA's default plan: the weight's made in bf16 once per
+    # class block). This torch's CPU matmuls cannot write fp32 from bf16, so this
+    # covers the fallback (bf16 products, added in fp32) an older torch takes on CUDA.
     monkeypatch.setattr(fused_ce.linear, "compute_dtype", lambda dtype, device: dtype)
     x, w, target, kwargs = make_problem("bias_zloss_softcap", (37,), 24, 131, torch.bfloat16, "cpu")
     check_against_reference(x, w, target, reduction, dict(kwargs, chunk_size=chunk_size))
@@ -558,14 +566,22 @@ def _op_samples(device):
     """(name, op, args) for the three ops: index/probability targets, bias, weight, softcap."""
     samples = []
     # Chunks of 3 rows over whole rows (classes -1), or blocks of 3 rows x 5 classes.
-    for option, classes in (("bias_zloss_softcap", -1), ("weight_smoothing_ignore", 5), ("probs_weight_smoothing", 5),
-                            ("bias_zloss_softcap", 4)):
-        x, w, target, kwargs = make_problem(option, (7,), 6, 11, torch.float32, device)
+    # Rows ALL_ROWS (-1): one chunk of all rows, classes given or (-1) from the budget;
+    # its weight gradient has the weight's dtype.
+    for option, rows, classes, dtype in (
+        ("bias_zloss_softcap", 3, -1, torch.float32),
+        ("weight_smoothing_ignore", 3, 5, torch.float32),
+        ("probs_weight_smoothing", 3, 5, torch.float32),
+        ("bias_zloss_softcap", 3, 4, torch.float32),
+        ("bias_zloss_softcap", ALL_ROWS, 4, torch.bfloat16),
+        ("weight_smoothing_ignore", ALL_ROWS, -1, torch.float32),
+    ):
+        x, w, target, kwargs = make_problem(option, (7,), 6, 11, dtype, device)
         bias = kwargs.get("linear_bias")
         weight = kwargs.get("weight")
         options = (kwargs.get("ignore_index", IGNORE), kwargs.get("label_smoothing", 0.0), kwargs.get("softcap") or 0.0,
-                   3, classes)
-        option = f"{option}-classes{classes}"
+                   rows, classes)
+        option = f"{option}-rows{rows}-classes{classes}-{_dtype_id(dtype)}"
         x.requires_grad_(True)
         w.requires_grad_(True)
         if bias is not None:
@@ -655,15 +671,20 @@ def test_chunk_plan_rule(monkeypatch):
     assert chunk_plan(1000, torch.float32, cpu, chunk_size=7) == (7, 1000)
     assert chunk_plan(1000, torch.float32, cpu, chunk_size=(7, 300)) == (7, 300)
     assert chunk_plan(1000, torch.float32, cpu, chunk_size=(7, 3000)) == (7, 1000)
+    assert chunk_plan(1000, torch.float32, cpu, chunk_size=(None, 300)) == (ALL_ROWS, 300)
+    assert chunk_plan(1000, torch.float32, cpu, chunk_size=[None, 3000]) == (ALL_ROWS, 1000)
+    # CUDA fp16/bf16: all rows, the classes per block settled in the op from N.
+    assert chunk_plan(256000, torch.bfloat16, cuda) == (ALL_ROWS, -1)
+    assert chunk_plan(1000, torch.float16, cuda) == (ALL_ROWS, -1)
     # A budget of B MiB: whole rows, B * 2**20 // (V * element size) of them (a
     # multiple of 8) if that is at least 128 ...
     monkeypatch.setenv(CHUNK_ENV, "1")
     assert chunk_plan(1000, torch.float32, cpu) == (2**20 // 4000 // 8 * 8, 1000)
     assert chunk_plan(1000, torch.bfloat16, cpu) == (2**20 // 4000 // 8 * 8, 1000)  # CPU bf16 computes in fp32
-    assert chunk_plan(1000, torch.bfloat16, cuda) == (2**20 // 2000 // 8 * 8, 1000)
+    assert chunk_plan(1000, torch.float32, cuda) == (2**20 // 4000 // 8 * 8, 1000)
     # ... else blocks of 1024 rows (CPU; 2048 on CUDA) x a multiple of 64 classes.
     assert chunk_plan(32000, torch.float32, cpu) == (1024, 2**20 // (1024 * 4) // 64 * 64)
-    assert chunk_plan(32000, torch.bfloat16, cuda) == (2048, 2**20 // (2048 * 2) // 64 * 64)
+    assert chunk_plan(32000, torch.float32, cuda) == (2048, 2**20 // (2048 * 4) // 64 * 64)
     assert chunk_plan(32000, torch.float32, cpu)[1] >= 128
     monkeypatch.setenv(CHUNK_ENV, "0.01")
     assert chunk_plan(300, torch.float32, cpu) == (1024, 128)  # at least 128 classes per block
@@ -672,14 +693,59 @@ def test_chunk_plan_rule(monkeypatch):
     # The defaults: 3 MiB on the CPU, 256 MiB on CUDA.
     assert chunk_plan(32000, torch.float32, cpu) == (1024, 768)
     assert chunk_plan(6000, torch.float32, cpu) == (128, 6000)
-    assert chunk_plan(256000, torch.bfloat16, cuda) == (520, 256000)
+    assert chunk_plan(256000, torch.float32, cuda) == (256, 256000)
     for bad in ("0", "-1", "lots"):
         monkeypatch.setenv(CHUNK_ENV, bad)
-        with pytest.raises(ValueError, match=CHUNK_ENV):
-            chunk_plan(1000, torch.float32, cpu)
-    for bad in (0, -3, 2.5, True, (4,), (4, 0), (4, 5, 6)):
+        for dtype, device in ((torch.float32, cpu), (torch.bfloat16, cuda)):
+            with pytest.raises(ValueError, match=CHUNK_ENV):
+                chunk_plan(1000, dtype, device)
+    for bad in (0, -3, 2.5, True, (4,), (4, 0), (4, 5, 6), (None, None), (None, 0), (4, None)):
         with pytest.raises(ValueError, match="chunk_size"):
             chunk_plan(1000, torch.float32, cpu, chunk_size=bad)
+
+
+def test_all_rows_plan_classes_from_budget(monkeypatch):
+    # The all-rows plan's classes per block: budget // (N * element size), a
+    # multiple of 64, at least 128, at most V; settled when the op runs.
+    monkeypatch.setenv(CHUNK_ENV, "1")
+
+    def planned(n, v, classes=-1, dtype=torch.float32):
+        x, w = torch.zeros(n, 4, dtype=dtype), torch.zeros(v, 4, dtype=dtype)
+        head = Head(x, w, None, torch.zeros(n, dtype=torch.long), None, IGNORE, 0.0, 0.0, ALL_ROWS, classes=classes)
+        head = head.planned()
+        return head.rows, head.block_classes
+
+    assert planned(100, 5000) == (100, 2**20 // (100 * 4) // 64 * 64)
+    assert planned(100, 5000, dtype=torch.bfloat16) == (100, 2**20 // (100 * 4) // 64 * 64)  # CPU: fp32 blocks
+    assert planned(100, 1000) == (100, 1000)
+    assert planned(10**5, 5000) == (10**5, 128)
+    assert planned(0, 5000) == (1, 5000)
+    assert planned(100, 5000, classes=7) == (100, 7)
+
+
+def test_whole_row_chunks_refuse_all_rows():
+    with pytest.raises(ValueError, match="chunk_size: whole rows"):
+        fused_ce.linear.chunk_rows(1000, torch.float32, torch.device("cpu"), chunk_size=(None, 10))
+
+
+def test_default_plan_memory_on_cuda(cuda_device):
+    # bf16 on CUDA, default plan (all rows): beyond the bf16 gradients, only the
+    # logits buffer (the budget), fp32 input-gradient accumulator and per-row vectors --
+    # no fp32 [V, D] weight accumulator.
+    n, d, v = 4096, 256, 32768
+    x = torch.randn(n, d, device=cuda_device, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(v, d, device=cuda_device, dtype=torch.bfloat16, requires_grad=True)
+    target = torch.randint(0, v, (n,), device=cuda_device)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    linear_cross_entropy(x, w, target).backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    budget = 256 * 2**20
+    allowed = (x.numel() + w.numel()) * 2 + budget + x.numel() * 4 + 64 * n * 4 + 2**20
+    assert w.grad.dtype == torch.bfloat16
+    assert peak <= allowed, f"peak {peak / 2**20:.0f} MiB, allowed {allowed / 2**20:.0f} MiB"
 
 
 def test_no_full_logits_on_cuda(cuda_device):
