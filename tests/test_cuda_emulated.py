@@ -108,9 +108,11 @@ def _compare(emulator, logits, target, weight, smoothing, softcap, threads):
     torch.testing.assert_close(got_grad[1::2], want_grad[1::2], **_tolerance(dtype), equal_nan=True)
 
 
-# Each vocabulary size with a layout: whole vectors, a scalar head, a scalar tail, both.
+# Each vocabulary size with a layout: whole vectors, a scalar head, a scalar tail, both;
+# 9001: rows long enough for the batched loads of write_row (kWriteBatch packs per
+# thread: 4 x 512 threads x 4 floats = 8192 elements a round at 512 threads).
 SHAPES = [(1, "contiguous"), (7, "unaligned"), (33, "padded_rows"), (300, "unaligned"), (1025, "contiguous"),
-          (1025, "padded_rows")]
+          (1025, "padded_rows"), (9001, "unaligned")]
 
 
 @pytest.mark.parametrize("threads", THREADS)
@@ -132,7 +134,7 @@ def test_float32_every_mapping_and_layout(emulator, threads, v, layout):
 
 @pytest.mark.parametrize("threads", THREADS)
 @pytest.mark.parametrize("dtype", DTYPES[1:])
-@pytest.mark.parametrize("v", [7, 1025])
+@pytest.mark.parametrize("v", [7, 1025, 17000])  # 17000: a round of batched 8-element packs at 512 threads
 def test_other_dtypes(emulator, threads, dtype, v):
     torch.manual_seed(v + threads)
     n = 5
@@ -206,3 +208,19 @@ def test_vocabulary_slices(emulator, threads):
             want = torch.ops.fused_ce.cross_entropy_forward(part, target, None, -100, smoothing, 0.0, start, v)
             for g, w in zip(got, want):
                 torch.testing.assert_close(g, w, **_tolerance(torch.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("v, layout", [(7, "unaligned"), (1025, "padded_rows"), (9001, "unaligned")], ids=str)
+def test_scale_rows(emulator, dtype, v, layout):
+    # Rows times their scale, rounded once; rows whose scale is exactly 1 untouched
+    # (bitwise: 7 rows in a grid of 3 blocks, so the grid-stride loop comes round).
+    torch.manual_seed(v)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    rows = _logits(7, v, dtype, layout)
+    scale = torch.tensor([0.5, 1.0, -3.0, 1.0, 1e-3, 2.0, 1.0], dtype=acc)
+    want = (rows.to(acc) * scale[:, None]).to(dtype)
+    before = rows.clone()
+    emulator.scale_rows(rows, scale)
+    torch.testing.assert_close(rows, want, rtol=0, atol=0)
+    assert torch.equal(rows[scale == 1], before[scale == 1])

@@ -61,7 +61,7 @@ void launch_scale_rows(scalar_t* rows, int64_t num_rows, int64_t num_classes, in
   if (num_rows == 0 || num_classes == 0) return;
   // A grid-stride loop over rows: with scale 1 each block reads a few scalars and exits.
   const int64_t blocks = num_rows < 4096 ? num_rows : 4096;
-  scale_rows_kernel<<<blocks, 256, 0, stream>>>(rows, num_rows, num_classes, stride, scale, scale_stride);
+  scale_rows_kernel<<<blocks, kScaleThreads, 0, stream>>>(rows, num_rows, num_classes, stride, scale, scale_stride);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

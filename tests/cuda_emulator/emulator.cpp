@@ -130,7 +130,7 @@ void scale_rows(at::Tensor rows, const at::Tensor& scale) {
   check_scale_rows_args(rows, scale);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rows.scalar_type(), "emulated_scale_rows", [&] {
     using acc_t = acc_type<scalar_t>;
-    emu::launch(std::min<int64_t>(rows.size(0), 3), 64, scale_rows_kernel<scalar_t>, rows.data_ptr<scalar_t>(),
+    emu::launch(std::min<int64_t>(rows.size(0), 3), kScaleThreads, scale_rows_kernel<scalar_t>, rows.data_ptr<scalar_t>(),
                 rows.size(0), rows.size(1), rows.stride(0), scale.const_data_ptr<acc_t>(), scale.stride(0));
   });
 }
