@@ -6,3 +6,4 @@ python -m fused_ce.bench --reps 10 --no-progress --json $R/bench.json
 python -m fused_ce.bench --step --reps 10 --no-progress --json $R/bench_step.json
 python -m fused_ce.bench --linear --impls fused_ce,torch.chunked,torch --reps 10 --no-progress --json $R/bench_linear.json
 python -m fused_ce.bench --plot docs/cpu --no-progress --json $R/bench_plot.json
+python bench/step_floor.py --reps 9 | tee $R/step_floor.log

@@ -1,0 +1,92 @@
+"""How fast could the ``--step`` training step be with a loss that costs nothing?
+
+The step of ``python -m fused_ce.bench --step`` is ``loss_fn(h @ W.T, target)`` and its
+backward. Its matmuls -- ``h @ W.T`` forward, ``G @ W`` and ``G.T @ h`` backward -- are
+the same whatever the loss, so they bound the speed-up any loss can give the step:
+``eager step / matmuls only``. This script times, interleaved in one process (median
+of ``--reps``):
+
+* ``torch``: the step with ``F.cross_entropy``;
+* ``fused_ce.inplace``: the step with ``fused_ce.cross_entropy(..., inplace_backward=True)``;
+* ``matmuls only``: the step with a "loss" whose forward returns 0 and whose
+  backward hands autograd a gradient ``G`` made ahead (contiguous ``[N, V]``, the
+  layout both losses give): the matmuls and nothing else;
+
+and each matmul alone (``torch.mm``, fresh outputs as in the step).
+
+    python bench/step_floor.py                     # 4096 x 8 x 32000 fp32, the CPU shape of issue 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import fused_ce
+
+
+class _FreeLoss(torch.autograd.Function):
+    """A scalar 0 whose gradient with respect to the logits is a given tensor."""
+
+    @staticmethod
+    def forward(ctx, logits, grad):
+        ctx.grad = grad
+        return logits.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _):
+        return ctx.grad, None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="4096x8x32000", help="N x D x V")
+    parser.add_argument("--reps", type=int, default=7)
+    args = parser.parse_args()
+    n, d, v = (int(s) for s in args.shape.split("x"))
+    torch.manual_seed(0)
+    h = torch.randn(n, d, requires_grad=True)
+    w = torch.randn(v, d, requires_grad=True)
+    target = torch.randint(0, v, (n,))
+    grad = torch.randn(n, v) / (n * v)
+
+    def step(loss_fn):
+        def run():
+            h.grad = w.grad = None
+            loss_fn(h @ w.T).backward()
+
+        return run
+
+    hd, wd = h.detach(), w.detach()
+    runs = {
+        "torch": step(lambda z: F.cross_entropy(z, target)),
+        "fused_ce.inplace": step(lambda z: fused_ce.cross_entropy(z, target, inplace_backward=True)),
+        "matmuls only": step(lambda z: _FreeLoss.apply(z, grad)),
+        "  h @ W.T": lambda: hd @ wd.T,
+        "  G @ W": lambda: grad @ wd,
+        "  G.T @ h (as autograd: W.T's layout)": lambda: grad.t().mm(hd).t(),
+        "  (h.T @ G).T (same product)": lambda: hd.t().mm(grad).t(),
+    }
+    times = {name: [] for name in runs}
+    for name, run in runs.items():  # warm-up
+        run()
+    for _ in range(args.reps):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    print(f"N x D x V = {n} x {d} x {v} fp32, {torch.get_num_threads()} threads, median of {args.reps} interleaved")
+    for name, ms in median.items():
+        print(f"  {name:40s} {ms:8.1f} ms")
+    print(f"torch / fused_ce.inplace:  {median['torch'] / median['fused_ce.inplace']:.2f}x")
+    print(f"torch / matmuls only:      {median['torch'] / median['matmuls only']:.2f}x "
+          "(the most any loss could give this step)")
+
+
+if __name__ == "__main__":
+    main()
