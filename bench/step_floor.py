@@ -42,11 +42,11 @@ class _FreeLoss(torch.autograd.Function):
         return ctx.grad, None
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="4096x8x32000", help="N x D x V")
     parser.add_argument("--reps", type=int, default=7)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     n, d, v = (int(s) for s in args.shape.split("x"))
     torch.manual_seed(0)
     h = torch.randn(n, d, requires_grad=True)
