@@ -104,10 +104,13 @@ def _reduce(loss, z_terms, reduction, target, w, safe_y, valid):
         return (total + z_total) / loss.numel()
     count = valid.to(torch.float64).sum()
     denominator = (w[safe_y] * valid.to(torch.float64)).sum()
-    if bool(denominator == 0) or bool(count == 0):
-        # NaN whatever the smoothing term's numerator, with a zero gradient, as PyTorch.
+    if bool(count == 0):  # nothing counted: NaN, with a zero gradient, as PyTorch
         return total * 0.0 + float("nan")
-    return total / denominator + z_total / count
+    # Counted rows whose class weights are all 0: the cross-entropy part is NaN with a
+    # zero gradient, as PyTorch's, whatever the smoothing term's numerator; the z-loss
+    # term keeps its gradient.
+    ce = total * 0.0 + float("nan") if bool(denominator == 0) else total / denominator
+    return ce + z_total / count
 
 
 def entropy_reference(logits: Tensor) -> Tensor:

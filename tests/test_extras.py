@@ -365,3 +365,25 @@ def test_compile_training_step(device, inplace):
     torch.testing.assert_close(loss_c, loss_e)
     torch.testing.assert_close(grad_c, h.grad)
     torch._dynamo.reset()
+
+
+def test_z_loss_under_mean_with_zero_total_weight(device):
+    # Counted rows whose targets all weigh 0: the cross-entropy part is NaN with a zero
+    # gradient (PyTorch's 0 / 0), while the z-loss term, averaged over the 3 counted
+    # rows, keeps its gradient 2 z lse softmax / 3 -- as the float64 reference.
+    x = torch.randn(4, 6, dtype=torch.float64)
+    target = torch.tensor([2, 2, -100, 2])
+    weight = torch.ones(6, dtype=torch.float64)
+    weight[2] = 0
+    z = 1e-2
+    xs = x.to(device).float().requires_grad_(True)
+    loss = fused_ce.cross_entropy(xs, target.to(device), weight=weight.float().to(device), z_loss=z)
+    loss.backward()
+    x64 = x.clone().requires_grad_(True)
+    expected = cross_entropy_reference(x64, target, weight=weight, z_loss=z)
+    expected.backward()
+    assert bool(loss.isnan()) and bool(expected.isnan())
+    lse = torch.logsumexp(x, -1, keepdim=True)
+    by_hand = 2 * z * lse * torch.softmax(x, -1) / 3 * (target != -100).unsqueeze(1)
+    torch.testing.assert_close(x64.grad, by_hand)
+    torch.testing.assert_close(xs.grad.cpu().double(), by_hand, rtol=2e-5, atol=1e-7)

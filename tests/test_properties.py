@@ -240,35 +240,8 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def reference_with_extras(x64, target, kwargs):
-    """fused_ce's loss and lse in float64: cross_entropy_reference plus the z-loss term."""
-    kw = dict(kwargs)
-    z_loss = kw.pop("z_loss", 0.0)
-    softcap = kw.get("softcap")
-    if kw.get("weight") is not None:
-        kw["weight"] = kw["weight"].to(torch.float64)
-    if target.is_floating_point():
-        target = target.to(torch.float64)
-    loss = cross_entropy_reference(x64, target, **kw)
-    class_dim = 0 if x64.dim() == 1 else 1
-    z = x64.movedim(class_dim, -1)
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    lse = torch.logsumexp(z, dim=-1)
-    if z_loss:
-        if target.is_floating_point():
-            valid = torch.ones(lse.shape, dtype=torch.float64)
-        else:
-            valid = (target.long() != kw.get("ignore_index", -100)).to(torch.float64)
-        z_rows = z_loss * lse.square() * valid
-        reduction = kw.get("reduction", "mean")
-        if reduction == "none":
-            loss = loss + z_rows
-        elif reduction == "sum":
-            loss = loss + z_rows.sum()
-        else:  # mean over the non-ignored rows, unweighted; no rows: no z-term (the loss is NaN anyway)
-            count = valid.sum()
-            loss = loss + (z_rows.sum() / count if bool(count > 0) else z_rows.sum() * 0)
-    return loss, lse
+    """fused_ce's loss and lse in float64 (cross_entropy_reference, z-loss and soft-cap included)."""
+    return cross_entropy_reference(x64, target, **kwargs, return_lse=True)
 
 
 def _on(t, device):
