@@ -48,7 +48,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .functional import _check_device, _check_extras, _check_reduction, _nan_if_empty, _safe_inverse
-from .linear import Head, chunk_rows, shard_gradients, shard_statistics
+from .linear import Head, chunk_plan, shard_gradients, shard_statistics
 from .ops import accumulate_dtype
 
 # Up to this many ranks the statistics travel in one all_gather (P * 3N values);
@@ -291,10 +291,10 @@ class _VocabParallelRows(torch.autograd.Function):
         return grad, None, None, None
 
 
-def _head(x, weight, bias, rows, class_weight, plan: _Plan, chunk: int) -> Head:
-    """The chunked linear + cross-entropy problem of this rank's slice (fused_ce/linear.py)."""
-    return Head(x, weight, bias, rows, class_weight, plan.ignore_index, plan.label_smoothing, plan.softcap, chunk,
-                plan.vocab_start, plan.vocab_total)
+def _head(x, weight, bias, rows, class_weight, plan: _Plan, chunk: tuple[int, int]) -> Head:
+    """The chunked linear + cross-entropy problem of this rank's slice (fused_ce/linear.py); chunk = (rows, classes)."""
+    return Head(x, weight, bias, rows, class_weight, plan.ignore_index, plan.label_smoothing, plan.softcap, chunk[0],
+                plan.vocab_start, plan.vocab_total, classes=chunk[1])
 
 
 class _VocabParallelLinearRows(torch.autograd.Function):
@@ -458,7 +458,7 @@ def vocab_parallel_linear_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
-    chunk_size: int | None = None,
+    chunk_size: int | tuple[int | None, int] | None = None,
     reduce_input_grad: bool = True,
     vocab_sizes: Sequence[int] | None = None,
     vocab_start: int | None = None,
@@ -469,13 +469,14 @@ def vocab_parallel_linear_cross_entropy(
     The LM head's weight is sharded by vocabulary rows across ``group``: rank ``r``
     holds rows ``[vocab_start_r, vocab_start_r + V_r)`` of the ``(V, H)`` weight, in
     rank order (sizes may differ). No rank materialises its ``(N, V_r)`` logits:
-    forward runs ``chunk_size`` rows at a time through the matmul and the
-    statistics kernel (the chunk loops of :mod:`fused_ce.linear`); after the one
-    collective of per-row statistics, backward recomputes each chunk's logits and
+    forward runs blocks of rows x classes through the matmul and the statistics
+    kernel (the loops and the chunk plan of :mod:`fused_ce.linear`); after the one
+    collective of per-row statistics, backward recomputes each block's logits and
     turns them into gradients of ``input``, ``weight_shard`` and ``bias_shard``.
-    Extra memory: one ``(chunk_size, V_r)`` buffer, the gradients (fp32 for
-    fp16/bf16 operands until they are rounded once) and O(N) statistics. Compute:
-    four matmuls per chunk against three for ``F.linear`` forward and backward,
+    Extra memory: one block buffer, the gradients (fp32 for fp16/bf16 operands until
+    they are rounded once; the weight's in its dtype in the all-rows plan) and O(N)
+    statistics. Compute: four matmuls per block against three for ``F.linear``
+    forward and backward,
     because the gradient needs the full rows' ``lse``, known only after the merge
     (the single-device :func:`fused_ce.linear_cross_entropy` computes it in forward).
 
@@ -501,8 +502,9 @@ def vocab_parallel_linear_cross_entropy(
         bias_shard: optional ``(V_r,)``.
         class_weight: optional class weights, this rank's slice ``(V_r,)``
             (``F.cross_entropy``'s ``weight``; named so to tell it from the head's).
-        chunk_size: rows per chunk; by default :func:`fused_ce.linear.chunk_rows`'s
-            memory budget for a ``(chunk, V_r)`` buffer (``FUSED_CE_LINEAR_CHUNK_MB``).
+        chunk_size: as :func:`fused_ce.linear_cross_entropy`'s, for ``V_r`` classes:
+            rows per chunk, ``(rows, classes)`` or ``(None, classes)`` per block, or
+            None for :func:`fused_ce.linear.chunk_plan`'s rule (``FUSED_CE_LINEAR_CHUNK_MB``).
         The other arguments are those of :func:`vocab_parallel_cross_entropy`.
 
     Returns:
@@ -547,7 +549,7 @@ def vocab_parallel_linear_cross_entropy(
                       label_smoothing, cap)
 
     x = input.reshape(-1, hidden)
-    chunk = chunk_rows(local_size, input.dtype, input.device, chunk_size)
+    chunk = chunk_plan(local_size, input.dtype, input.device, chunk_size)
     loss, lse, denominator = _VocabParallelLinearRows.apply(
         x, weight_shard, bias_shard, rows, cw, plan, chunk, bool(reduce_input_grad)
     )

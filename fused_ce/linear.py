@@ -166,21 +166,6 @@ def chunk_plan(num_classes: int, dtype: torch.dtype, device: torch.device, chunk
     return block_rows, min(classes, num_classes)
 
 
-def chunk_rows(num_classes: int, dtype: torch.dtype, device: torch.device, chunk_size: int | None = None) -> int:
-    """Rows per chunk over the whole vocabulary (``classes=-1``) that the budget fits, at least 1.
-
-    For callers that want whole rows whatever the budget; :func:`chunk_plan` also
-    considers blocks of classes, which are faster when few rows fit.
-    """
-    if chunk_size is not None:
-        rows = _explicit_plan(chunk_size, num_classes)[0]
-        if rows == ALL_ROWS:
-            raise ValueError("chunk_size: whole rows are wanted here, so rows must be an int, not None")
-        return rows
-    key = _device_key(device)
-    return _align_down(_budget_bytes(key) // (num_classes * compute_dtype(dtype, device).itemsize), _ROW_ALIGN)
-
-
 def _explicit_plan(chunk_size, num_classes: int) -> tuple[int, int]:
     def positive(n) -> bool:
         return isinstance(n, int) and not isinstance(n, bool) and n >= 1
@@ -1068,4 +1053,4 @@ class LinearCrossEntropyLoss(nn.Module):
         )
 
 
-__all__ = ["LinearCrossEntropyLoss", "chunk_plan", "chunk_rows", "linear_cross_entropy"]
+__all__ = ["LinearCrossEntropyLoss", "chunk_plan", "linear_cross_entropy"]

@@ -583,6 +583,8 @@ LINEAR_OPTIONS = {
         ("smoothing_z_loss", True, 7, True),  # 7 does not divide the 21 rows
         ("everything", True, 4, False),
         ("everything", False, None, True),
+        ("everything", True, (5, 4), True),  # blocks of 5 rows x 4 classes
+        ("smoothing_z_loss", True, (None, 3), False),  # all rows x 3 classes
     ],
 )
 @pytest.mark.parametrize("size", [2, 3, 4])

@@ -723,11 +723,6 @@ def test_all_rows_plan_classes_from_budget(monkeypatch):
     assert planned(100, 5000, classes=7) == (100, 7)
 
 
-def test_whole_row_chunks_refuse_all_rows():
-    with pytest.raises(ValueError, match="chunk_size: whole rows"):
-        fused_ce.linear.chunk_rows(1000, torch.float32, torch.device("cpu"), chunk_size=(None, 10))
-
-
 def test_default_plan_memory_on_cuda(cuda_device):
     # bf16 on CUDA, default plan (all rows): beyond the bf16 gradients, only the
     # logits buffer (the budget), fp32 input-gradient accumulator and per-row vectors --
