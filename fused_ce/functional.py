@@ -185,7 +185,8 @@ def _masked_square(lse: Tensor, info: "_Rows") -> Tensor:
 
 def _safe_inverse(denominator, dtype: torch.dtype):
     """1 / denominator, but 0 where it is 0: the loss of 'mean' is then NaN (added by
-    _nan_if_empty), as in PyTorch, while the gradient stays 0 -- also as in PyTorch."""
+    _nan_if_empty), as in PyTorch, while the gradient stays 0 -- as PyTorch's when every
+    row is ignored; where counted rows all weigh 0 PyTorch's is NaN (a documented difference)."""
     if isinstance(denominator, int):
         return 0.0 if denominator == 0 else 1.0 / denominator
     d = denominator.to(dtype)

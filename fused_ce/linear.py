@@ -32,7 +32,7 @@ Two ways to cut the work, chosen from a memory budget for that buffer:
 * **All rows x blocks of classes** (``N x K``), the same two passes with a single
   chunk of every row: each class block's weight gradient is then one matmul over
   all the rows, written once in the weight's dtype (the matmul accumulates in fp32
-  inside). This is the CUDA fp16/bf16 default: the other plans sum the weight
+  inside; cuBLAS's reduced-precision split-K reductions are turned off for it). This is the CUDA fp16/bf16 default: the other plans sum the weight
   gradient over chunks of rows, which wants an fp32 ``[V, D]`` accumulator (2.4 GB
   for 256000 x 2304 -- twice the bf16 gradient) and a read and write of it per chunk.
 
@@ -59,7 +59,8 @@ with ``s`` the logits' element size in the compute dtype (the input's, except fp
 bf16 on the CPU, which compute in fp32: the CPU BLAS has no fp32-accumulating fp16/
 bf16 matmul). The plan the ops receive depends on V, the dtype and the device only,
 not on N, so torch.compile sees constants; the all-rows plan's K, which depends on
-N, is settled inside the op. The buffer is at most ``min(rows, N) x classes``.
+N, is settled inside the op. The buffer is at most ``min(rows, N) x classes`` -- over
+the budget only where the floor of 128 classes binds (all rows: N > B / (128 s)).
 
 Precision: the logits are computed in the input's dtype, as ``F.linear`` does (CPU
 fp16/bf16: in fp32, more accurate). Gradients that sum over chunks or blocks
@@ -84,6 +85,7 @@ same loops on the shard's rows of the weight.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass, replace
@@ -368,7 +370,8 @@ class _Gradients:
         if self.weight is not None:
             out, x = self.weight[classes], h.input[rows]
             if rows.start == 0:  # the only chunk of the all-rows plan
-                _mm(grad_logits.t(), x, out=out)
+                with _fp32_reductions(out):
+                    _mm(grad_logits.t(), x, out=out)
             else:
                 _addmm_(out, grad_logits.t(), x)
         if self.bias is not None:
@@ -392,6 +395,32 @@ def _mm(a: Tensor, b: Tensor, out: Tensor) -> None:
         torch.mm(a, b, out_dtype=out.dtype, out=out)
     else:  # rounded once, as F.linear's gradient (a block-sized transient)
         out.copy_(torch.mm(a, b))
+
+
+_REDUCED_PRECISION_FLAGS = {
+    torch.float16: "allow_fp16_reduced_precision_reduction",
+    torch.bfloat16: "allow_bf16_reduced_precision_reduction",
+}
+
+
+@contextlib.contextmanager
+def _fp32_reductions(out: Tensor):
+    """Keeps cuBLAS from adding the parts of a split fp16/bf16 matmul in that dtype.
+
+    torch lets it by default (``torch.backends.cuda.matmul.allow_bf16_reduced_
+    precision_reduction``); for a weight gradient written in bf16 in one matmul
+    (the all-rows plan), that would round its sum more than once.
+    """
+    flag = _REDUCED_PRECISION_FLAGS.get(out.dtype)
+    matmul = torch.backends.cuda.matmul
+    if out.device.type != "cuda" or flag is None or not getattr(matmul, flag, False):
+        yield
+        return
+    setattr(matmul, flag, False)
+    try:
+        yield
+    finally:
+        setattr(matmul, flag, True)
 
 
 def _addmm_(acc: Tensor, a: Tensor, b: Tensor) -> None:
@@ -911,7 +940,7 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
-    chunk_size: int | tuple[int, int] | None = None,
+    chunk_size: int | tuple[int | None, int] | None = None,
 ) -> Tensor:
     """``F.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` without the logits.
 
@@ -1010,7 +1039,7 @@ class LinearCrossEntropyLoss(nn.Module):
         label_smoothing: float = 0.0,
         z_loss: float = 0.0,
         softcap: float | None = None,
-        chunk_size: int | tuple[int, int] | None = None,
+        chunk_size: int | tuple[int | None, int] | None = None,
     ) -> None:
         super().__init__()
         if tuple(out_features) != ():

@@ -106,9 +106,9 @@ def _reduce(loss, z_terms, reduction, target, w, safe_y, valid):
     denominator = (w[safe_y] * valid.to(torch.float64)).sum()
     if bool(count == 0):  # nothing counted: NaN, with a zero gradient, as PyTorch
         return total * 0.0 + float("nan")
-    # Counted rows whose class weights are all 0: the cross-entropy part is NaN with a
-    # zero gradient, as PyTorch's, whatever the smoothing term's numerator; the z-loss
-    # term keeps its gradient.
+    # Counted rows whose class weights are all 0: the cross-entropy part is NaN (as
+    # PyTorch's, whatever the smoothing term's numerator) with a zero gradient (PyTorch's
+    # is NaN: fused_ce's documented difference); the z-loss term keeps its gradient.
     ce = total * 0.0 + float("nan") if bool(denominator == 0) else total / denominator
     return ce + z_total / count
 

@@ -334,6 +334,10 @@ def test_mean_with_zero_total_weight_is_nan(device, label_smoothing):
     loss = fused_ce.cross_entropy(x, target, weight=weight, label_smoothing=label_smoothing)
     assert bool(expected.isnan())
     assert bool(loss.isnan()), f"mean over a zero total weight gave {loss.item()}, PyTorch gives NaN"
+    # The gradient: 0 here, NaN on PyTorch's counted rows (a documented difference).
+    xs = x.clone().requires_grad_(True)
+    fused_ce.cross_entropy(xs, target, weight=weight, label_smoothing=label_smoothing).backward()
+    assert torch.equal(xs.grad, torch.zeros_like(x))
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)

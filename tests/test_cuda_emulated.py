@@ -109,8 +109,8 @@ def _compare(emulator, logits, target, weight, smoothing, softcap, threads):
 
 
 # Each vocabulary size with a layout: whole vectors, a scalar head, a scalar tail, both;
-# 9001: rows long enough for the batched loads of write_row (kWriteBatch packs per
-# thread: 4 x 512 threads x 4 floats = 8192 elements a round at 512 threads).
+# 9001: rows long enough for the batched loads of for_each_owned (kReadBatch = 4
+# vectors per thread: 4 x 512 threads x 4 floats = 8192 elements a round at 512 threads).
 SHAPES = [(1, "contiguous"), (7, "unaligned"), (33, "padded_rows"), (300, "unaligned"), (1025, "contiguous"),
           (1025, "padded_rows"), (9001, "unaligned")]
 

@@ -368,9 +368,10 @@ def test_compile_training_step(device, inplace):
 
 
 def test_z_loss_under_mean_with_zero_total_weight(device):
-    # Counted rows whose targets all weigh 0: the cross-entropy part is NaN with a zero
-    # gradient (PyTorch's 0 / 0), while the z-loss term, averaged over the 3 counted
-    # rows, keeps its gradient 2 z lse softmax / 3 -- as the float64 reference.
+    # Counted rows whose targets all weigh 0: the cross-entropy part is NaN (PyTorch's
+    # 0 / 0) with a zero gradient (PyTorch's is NaN: a documented difference), while the
+    # z-loss term, averaged over the 3 counted rows, keeps its gradient 2 z lse softmax / 3
+    # -- as the float64 reference.
     x = torch.randn(4, 6, dtype=torch.float64)
     target = torch.tensor([2, 2, -100, 2])
     weight = torch.ones(6, dtype=torch.float64)

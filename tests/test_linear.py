@@ -814,3 +814,18 @@ def test_exported_from_package():
     if hasattr(fused_ce, "linear_cross_entropy"):
         assert fused_ce.linear_cross_entropy is linear_cross_entropy
         assert fused_ce.LinearCrossEntropyLoss is LinearCrossEntropyLoss
+
+
+def test_fp32_reductions_for_the_weight_gradient(device):
+    # The all-rows plan's bf16 weight gradient is one cuBLAS matmul: its split-K parts
+    # are added in fp32 (torch's reduced-precision reduction off), and the flag is
+    # restored after; elsewhere nothing changes.
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_bf16_reduced_precision_reduction
+    out = torch.empty(2, 2, dtype=torch.bfloat16, device=device)
+    with fused_ce.linear._fp32_reductions(out):
+        inside = matmul.allow_bf16_reduced_precision_reduction
+    assert matmul.allow_bf16_reduced_precision_reduction == before
+    assert inside == (before and device != "cuda")
+    with fused_ce.linear._fp32_reductions(out.float()):
+        assert matmul.allow_bf16_reduced_precision_reduction == before

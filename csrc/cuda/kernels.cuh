@@ -83,60 +83,69 @@ __device__ __forceinline__ RowSplit split_row(const scalar_t* row, int64_t num_c
   return {head, head + (num_classes - head) / W * W};
 }
 
-// Visits the elements of the row this thread owns: f_vec(c0) for each whole
-// vector [c0, c0 + W), f_scalar(c) for each element of the scalar head and tail.
-template <typename scalar_t, int kThreads, typename VecFn, typename ScalarFn>
-__device__ __forceinline__ void for_each_owned(const RowSplit& split, int64_t num_classes, int lane, VecFn f_vec,
-                                               ScalarFn f_scalar) {
+// Whole vectors a thread loads before it hands any to the caller in
+// for_each_owned: several 16-byte loads in flight per thread, which the memory
+// system needs to approach its bandwidth. The compiler cannot batch them itself
+// where the caller stores into the row it reads (in place it may not move a
+// load above an earlier store to the same buffer): with one vector at a time the
+// writing kernels ran at 40-45% of copy speed on the H200 (bench/kernel_times.py).
+// Reading passes batch 4, writing passes 2: with 4 in the write loop too, ptxas
+// (sm_90) spilled in the fused one-hot kernel and gave the smoothed and
+// probability ones 90+ registers (one block of 512 threads per SM); with these
+// the bf16 fused one-hot kernel keeps 2 blocks per SM at 64 registers, no spills.
+// Not yet timed on a GPU.
+constexpr int kReadBatch = 4;
+constexpr int kWriteBatch = 2;
+
+// Visits the elements of row x that this thread owns: f_vec(pack, c0) for each
+// whole vector pack = x[c0, c0 + W), f_scalar(x_c, c) for each element of the
+// scalar head and tail. Vectors are loaded kLoadBatch at a time, all before the
+// first f_vec of the batch, so f_vec may store over x[c0, c0 + W): no thread
+// reads an element another thread owns.
+template <typename scalar_t, int kThreads, int kLoadBatch = kReadBatch, typename VecFn, typename ScalarFn>
+__device__ __forceinline__ void for_each_owned(const scalar_t* x, const RowSplit& split, int64_t num_classes,
+                                               int lane, VecFn f_vec, ScalarFn f_scalar) {
   constexpr int W = kVecWidth<scalar_t>;
-  if (lane < split.head) f_scalar(int64_t(lane));
-  for (int64_t c = split.head + int64_t(lane) * W; c < split.body_end; c += int64_t(kThreads) * W) f_vec(c);
+  constexpr int64_t kStride = int64_t(kThreads) * W;  // between a thread's consecutive vectors
+  using PackT = Pack<scalar_t, W>;
+  if (lane < split.head) f_scalar(x[lane], int64_t(lane));
+  int64_t c0 = split.head + int64_t(lane) * W;
+  for (; c0 + (kLoadBatch - 1) * kStride < split.body_end; c0 += kLoadBatch * kStride) {
+    PackT pk[kLoadBatch];
+#pragma unroll
+    for (int u = 0; u < kLoadBatch; ++u) pk[u] = *reinterpret_cast<const PackT*>(x + c0 + u * kStride);
+#pragma unroll
+    for (int u = 0; u < kLoadBatch; ++u) f_vec(pk[u], c0 + u * kStride);
+  }
+  for (; c0 < split.body_end; c0 += kStride) f_vec(*reinterpret_cast<const PackT*>(x + c0), c0);
   const int64_t tail = split.body_end + lane;
-  if (tail < num_classes) f_scalar(tail);
+  if (tail < num_classes) f_scalar(x[tail], tail);
 }
 
-// Packs a thread loads before it stores any, in write_row. In place (out == x)
-// the compiler may not move a load above an earlier store to the same buffer, so
-// one pack at a time would leave each thread one 16-byte load in flight, waiting
-// out a full memory latency per pack: far from the bandwidth (bench/kernel_times.py
-// measured the writing kernels at 40-45% of copy speed on the H200 that way).
-constexpr int kWriteBatch = 4;
-
 // Writes value(x_c, c) to out[c] for each element c of the row x that this thread
-// owns (those of for_each_owned). out may be x itself (in place): each thread
-// reads its elements before it writes them, and no other thread touches them.
-// out's rows may be aligned differently from x's (they are contiguous, x may not
-// be); then vectors are stored element by element.
+// owns (for_each_owned's). out may be x itself (in place). out's rows may be
+// aligned differently from x's (they are contiguous, x may not be); then vectors
+// are stored element by element.
 template <typename scalar_t, int kThreads, typename ValueFn>
 __device__ __forceinline__ void write_row(const scalar_t* x, scalar_t* out, const RowSplit& split,
                                           int64_t num_classes, int lane, ValueFn value) {
   constexpr int W = kVecWidth<scalar_t>;
-  constexpr int64_t kStride = int64_t(kThreads) * W;  // between a thread's consecutive packs
   using PackT = Pack<scalar_t, W>;
   const bool aligned_out = reinterpret_cast<uintptr_t>(out) % 16 == reinterpret_cast<uintptr_t>(x) % 16;
-  auto store = [&](PackT pk, int64_t c0) {
-    PackT res;
+  for_each_owned<scalar_t, kThreads, kWriteBatch>(
+      x, split, num_classes, lane,
+      [&](const PackT& pk, int64_t c0) {
+        PackT res;
 #pragma unroll
-    for (int k = 0; k < W; ++k) res.v[k] = static_cast<scalar_t>(value(pk.v[k], c0 + k));
-    if (aligned_out) {
-      *reinterpret_cast<PackT*>(out + c0) = res;
-    } else {
+        for (int k = 0; k < W; ++k) res.v[k] = static_cast<scalar_t>(value(pk.v[k], c0 + k));
+        if (aligned_out) {
+          *reinterpret_cast<PackT*>(out + c0) = res;
+        } else {
 #pragma unroll
-      for (int k = 0; k < W; ++k) out[c0 + k] = res.v[k];
-    }
-  };
-  if (lane < split.head) out[lane] = static_cast<scalar_t>(value(x[lane], int64_t(lane)));
-  int64_t c0 = split.head + int64_t(lane) * W;
-  for (; c0 + (kWriteBatch - 1) * kStride < split.body_end; c0 += kWriteBatch * kStride) {
-    PackT pk[kWriteBatch];
-#pragma unroll
-    for (int u = 0; u < kWriteBatch; ++u) pk[u] = *reinterpret_cast<const PackT*>(x + c0 + u * kStride);
-#pragma unroll
-    for (int u = 0; u < kWriteBatch; ++u) store(pk[u], c0 + u * kStride);
-  }
-  for (; c0 < split.body_end; c0 += kStride) store(*reinterpret_cast<const PackT*>(x + c0), c0);
-  const int64_t tail = split.body_end + lane;
-  if (tail < num_classes) out[tail] = static_cast<scalar_t>(value(x[tail], tail));
+          for (int k = 0; k < W; ++k) out[c0 + k] = res.v[k];
+        }
+      },
+      [&](scalar_t xc, int64_t c) { out[c] = static_cast<scalar_t>(value(xc, c)); });
 }
 
 template <typename acc_t>
@@ -302,9 +311,8 @@ __global__ void __launch_bounds__(block_size<kThreads>())
   const RowSplit split = split_row(ctx.logits, p.num_classes);
   RowStats<acc_t> s = empty_row_stats<acc_t>();
   for_each_owned<scalar_t, kThreads>(
-      split, p.num_classes, lane,
-      [&](int64_t c0) {
-        const auto pk = *reinterpret_cast<const Pack<scalar_t, W>*>(ctx.logits + c0);
+      ctx.logits, split, p.num_classes, lane,
+      [&](const Pack<scalar_t, W>& pk, int64_t c0) {
         acc_t z[W], t[W];
 #pragma unroll
         for (int k = 0; k < W; ++k) {
@@ -313,8 +321,8 @@ __global__ void __launch_bounds__(block_size<kThreads>())
         }
         accumulate<kMode>(s, z, t);
       },
-      [&](int64_t c) {
-        const acc_t z[1] = {ctx.logit(ctx.logits[c])};
+      [&](scalar_t xc, int64_t c) {
+        const acc_t z[1] = {ctx.logit(xc)};
         const acc_t t[1] = {ctx.template spread_target<kMode>(c)};
         accumulate<kMode>(s, z, t);
       });
@@ -374,16 +382,15 @@ __global__ void __launch_bounds__(block_size<kThreads>()) entropy_forward_kernel
     }
   };
   for_each_owned<scalar_t, kThreads>(
-      split_row(x, a.num_classes), a.num_classes, lane,
-      [&](int64_t c0) {
-        const auto pk = *reinterpret_cast<const Pack<scalar_t, W>*>(x + c0);
+      x, split_row(x, a.num_classes), a.num_classes, lane,
+      [&](const Pack<scalar_t, W>& pk, int64_t c0) {
         acc_t z[W];
 #pragma unroll
         for (int k = 0; k < W; ++k) z[k] = static_cast<acc_t>(pk.v[k]);
         add(z, W);
       },
-      [&](int64_t c) {
-        const acc_t z = static_cast<acc_t>(x[c]);
+      [&](scalar_t xc, int64_t) {
+        const acc_t z = static_cast<acc_t>(xc);
         add(&z, 1);
       });
   s = merge_row<kThreads>(s);
