@@ -109,7 +109,9 @@ QUICK=()
 step bench 150 "$PY" -m fused_ce.bench --json "$OUT/bench.json" --no-progress "${QUICK[@]}"
 
 # 5. Each op's time against a copy of the logits (where the time of a training call goes).
-step kernel-times 60 "$PY" bench/kernel_times.py --device "$DEVICE" "${QUICK[@]/--quick/--shape=256x4096}"
+#    Also with 1024 threads per row (one row per SM: do the fused kernel's rows stay in L2?).
+step kernel-times 90 "$PY" bench/kernel_times.py --device "$DEVICE" --threads-per-row auto,1024,256 \
+  "${QUICK[@]/--quick/--shape=256x4096}"
 
 # 6. compute-sanitizer over bench/sanitize_cuda.py (small shapes: every access is instrumented).
 if command -v compute-sanitizer >/dev/null 2>&1; then

@@ -11,17 +11,25 @@ next to ``dst.copy_(src)`` of the logits (one read, one write). ``passes`` is th
 over a read-only pass at the copy's bandwidth: what an ideal kernel would need is 1
 for the forward, 3 for the fused kernel, 2 for the backward. On CUDA by default; on
 the CPU (``--device cpu``, wall-clock timing) it only checks that the script runs.
+
+``--threads-per-row auto,1024`` repeats the kernels' rows for each mapping of threads
+to a row (``auto``: the built-in table; else through FUSED_CE_CUDA_THREADS_PER_ROW,
+see csrc/cuda/launch.cuh), to measure another choice without a rebuild.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
 import torch
 
 import fused_ce
+
+
+THREADS_ENV = "FUSED_CE_CUDA_THREADS_PER_ROW"
 
 
 def _time(fn, reps: int, on_cuda: bool, warmup: int = 3) -> float:
@@ -49,7 +57,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads-per-row", default="auto", help="comma-separated: auto, 32, 256, 512, 1024")
     args = parser.parse_args()
+    mappings = args.threads_per_row.split(",")
+    for mapping in mappings:
+        if mapping not in ("auto", "32", "256", "512", "1024"):
+            parser.error(f"--threads-per-row: {mapping!r} is not auto, 32, 256, 512 or 1024")
     n, v = (int(s) for s in args.shape.split("x"))
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
@@ -85,10 +98,17 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"{name}, torch {torch.__version__}, logits {n}x{v} {args.dtype} "
           f"({gbytes:.2f} GB); copy: {2 * gbytes / copy_ms * 1e3:.0f} GB/s counted read + write")
-    print(f"{'op':28s} {'ms':>8s} {'passes':>7s}")
-    for name, fn in rows.items():
-        ms = copy_ms if name.startswith("copy") else _time(fn, args.reps, on_cuda)
-        print(f"{name:28s} {ms:8.3f} {ms / read_ms:7.2f}")
+    for mapping in mappings:
+        if mapping == "auto":
+            os.environ.pop(THREADS_ENV, None)
+        else:
+            os.environ[THREADS_ENV] = mapping
+        print(f"threads per row: {mapping}")
+        print(f"{'op':28s} {'ms':>8s} {'passes':>7s}")
+        for name, fn in rows.items():
+            ms = copy_ms if name.startswith("copy") else _time(fn, args.reps, on_cuda)
+            print(f"{name:28s} {ms:8.3f} {ms / read_ms:7.2f}")
+    os.environ.pop(THREADS_ENV, None)
 
 
 if __name__ == "__main__":

@@ -331,3 +331,17 @@ def test_raw_backward_op_checks_its_arguments(case):
             args["logits"], args["target"], args["weight"], row_args["lse"], row_args["p_coef"], row_args["t_coef"],
             args["ignore_index"], args["label_smoothing"], args["softcap"],
         )
+
+
+def test_threads_per_row_override(cuda_device, monkeypatch):
+    # FUSED_CE_CUDA_THREADS_PER_ROW (a measuring knob, csrc/cuda/launch.cuh): another
+    # mapping gives the same results up to the merge order; a bad value is refused.
+    x = torch.randn(6, 20000, device=cuda_device).bfloat16()
+    target = torch.randint(0, 20000, (6,), device=cuda_device)
+    expected = fused_ce.cross_entropy(x, target, reduction="none")
+    for threads in ("1024", "256", "32"):
+        monkeypatch.setenv("FUSED_CE_CUDA_THREADS_PER_ROW", threads)
+        torch.testing.assert_close(fused_ce.cross_entropy(x, target, reduction="none"), expected)
+    monkeypatch.setenv("FUSED_CE_CUDA_THREADS_PER_ROW", "7")
+    with pytest.raises(RuntimeError, match="FUSED_CE_CUDA_THREADS_PER_ROW must be 32, 256, 512 or 1024"):
+        fused_ce.cross_entropy(x, target)

@@ -132,6 +132,20 @@ def test_float32_every_mapping_and_layout(emulator, threads, v, layout):
         _compare(emulator, logits, _targets(kind, n, v, torch.float32), w, smoothing, softcap, threads)
 
 
+@pytest.mark.parametrize("v, layout", [(7, "unaligned"), (9001, "unaligned"), (17000, "padded_rows")], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_thousand_threads_per_row(emulator, dtype, v, layout):
+    # The 1024-thread mapping (FUSED_CE_CUDA_THREADS_PER_ROW=1024, for measuring):
+    # merges across 32 warps, batched rounds of 4 x 1024 vectors.
+    torch.manual_seed(v)
+    n = 3
+    acc = torch.float32
+    logits = _logits(n, v, dtype, layout)
+    weight = (torch.rand(v) + 0.5).to(acc)
+    _compare(emulator, logits, _targets("index", n, v, dtype), weight, 0.1, 0.0, 1024)
+    _compare(emulator, logits, _targets("probs", n, v, dtype), None, 0.0, 3.0, 1024)
+
+
 @pytest.mark.parametrize("threads", THREADS)
 @pytest.mark.parametrize("dtype", DTYPES[1:])
 @pytest.mark.parametrize("v", [7, 1025, 17000])  # 17000: a round of batched 8-element packs at 512 threads

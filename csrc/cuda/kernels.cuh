@@ -40,6 +40,9 @@ struct alignas(sizeof(T) * N) Pack {
 //   V <= 1024      32 (a warp per row, 8 rows per block)
 //   V <= 8192     256 (a block per row)
 //   larger        512 (a block per row)
+// 1024 (a block per row, at most 64 registers a thread: one block per SM) is
+// compiled too, for measuring: with one row per SM the rows the fused kernel reads
+// twice may stay in L2 between the reads (launch.cuh: FUSED_CE_CUDA_THREADS_PER_ROW).
 constexpr int kWarp = 32;
 constexpr int kSmallRowBlock = 256;
 
@@ -437,7 +440,7 @@ __global__ void __launch_bounds__(kScaleThreads)
   }
 }
 
-// Turns the runtime choices (threads per row: 32, 256 or 512; the target mode)
+// Turns the runtime choices (threads per row: 32, 256, 512 or 1024; the target mode)
 // into template arguments.
 template <typename scalar_t, typename Fn>
 void dispatch_row_kernel(const RowProblem<scalar_t>& p, int threads, Fn&& fn) {
@@ -453,6 +456,7 @@ void dispatch_row_kernel(const RowProblem<scalar_t>& p, int threads, Fn&& fn) {
   switch (threads) {
     case 32: with_mode(std::integral_constant<int, 32>{}); break;
     case 256: with_mode(std::integral_constant<int, 256>{}); break;
+    case 1024: with_mode(std::integral_constant<int, 1024>{}); break;
     default: with_mode(std::integral_constant<int, 512>{}); break;
   }
 }
@@ -463,6 +467,7 @@ void dispatch_threads(int threads, Fn&& fn) {
   switch (threads) {
     case 32: fn(std::integral_constant<int, 32>{}); break;
     case 256: fn(std::integral_constant<int, 256>{}); break;
+    case 1024: fn(std::integral_constant<int, 1024>{}); break;
     default: fn(std::integral_constant<int, 512>{}); break;
   }
 }

@@ -4,10 +4,27 @@
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <string>
 
 #include "cuda/kernels.cuh"
 
 namespace fused_ce::cuda {
+
+// threads_per_row's choice, unless the environment variable
+// FUSED_CE_CUDA_THREADS_PER_ROW names a mapping (32, 256, 512 or 1024). Read at
+// every launch: a knob for measuring (bench/kernel_times.py), not for training.
+inline int launch_threads_per_row(int64_t num_classes) {
+  const char* text = std::getenv("FUSED_CE_CUDA_THREADS_PER_ROW");
+  if (text == nullptr || *text == '\0') return threads_per_row(num_classes);
+  const std::string value(text);
+  for (const int threads : {32, 256, 512, 1024}) {
+    if (value == std::to_string(threads)) return threads;
+  }
+  TORCH_CHECK(false, "FUSED_CE_CUDA_THREADS_PER_ROW must be 32, 256, 512 or 1024, got '", value, "'");
+}
 
 template <int kThreads>
 int64_t row_blocks(int64_t num_rows) {
@@ -35,7 +52,7 @@ template <typename scalar_t>
 void launch_forward(const RowProblem<scalar_t>& p, const ForwardOutputs<acc_type<scalar_t>>& out,
                     const GradInForward<scalar_t>& with_grad, cudaStream_t stream) {
   if (p.num_rows == 0) return;
-  dispatch_row_kernel(p, threads_per_row(p.num_classes), [&](auto threads, auto mode) {
+  dispatch_row_kernel(p, launch_threads_per_row(p.num_classes), [&](auto threads, auto mode) {
     constexpr int kThreads = decltype(threads)::value;
     constexpr TargetMode kMode = decltype(mode)::value;
     if (with_grad.grad != nullptr) {
@@ -50,7 +67,7 @@ template <typename scalar_t>
 void launch_backward(const RowProblem<scalar_t>& p, const BackwardInputs<acc_type<scalar_t>>& in, scalar_t* grad,
                      int64_t grad_stride, cudaStream_t stream) {
   if (p.num_rows == 0) return;
-  dispatch_row_kernel(p, threads_per_row(p.num_classes), [&](auto threads, auto mode) {
+  dispatch_row_kernel(p, launch_threads_per_row(p.num_classes), [&](auto threads, auto mode) {
     launch_backward_as<scalar_t, decltype(threads)::value, decltype(mode)::value>(p, in, grad, grad_stride, stream);
   });
 }
@@ -68,7 +85,7 @@ void launch_scale_rows(scalar_t* rows, int64_t num_rows, int64_t num_classes, in
 template <typename scalar_t>
 void launch_entropy_forward(const EntropyArgs<scalar_t>& a, cudaStream_t stream) {
   if (a.num_rows == 0) return;
-  dispatch_threads(threads_per_row(a.num_classes), [&](auto threads) {
+  dispatch_threads(launch_threads_per_row(a.num_classes), [&](auto threads) {
     constexpr int kThreads = decltype(threads)::value;
     entropy_forward_kernel<scalar_t, kThreads>
         <<<row_blocks<kThreads>(a.num_rows), block_size<kThreads>(), 0, stream>>>(a);
@@ -79,7 +96,7 @@ void launch_entropy_forward(const EntropyArgs<scalar_t>& a, cudaStream_t stream)
 template <typename scalar_t>
 void launch_entropy_backward(const EntropyArgs<scalar_t>& a, cudaStream_t stream) {
   if (a.num_rows == 0) return;
-  dispatch_threads(threads_per_row(a.num_classes), [&](auto threads) {
+  dispatch_threads(launch_threads_per_row(a.num_classes), [&](auto threads) {
     constexpr int kThreads = decltype(threads)::value;
     entropy_backward_kernel<scalar_t, kThreads>
         <<<row_blocks<kThreads>(a.num_rows), block_size<kThreads>(), 0, stream>>>(a);
