@@ -549,7 +549,8 @@ def vocab_parallel_linear_cross_entropy(
                       label_smoothing, cap)
 
     x = input.reshape(-1, hidden)
-    chunk = chunk_plan(local_size, input.dtype, input.device, chunk_size)
+    chunk = chunk_plan(local_size, input.dtype, input.device, chunk_size,
+                       weight_grad=torch.is_grad_enabled() and weight_shard.requires_grad)
     loss, lse, denominator = _VocabParallelLinearRows.apply(
         x, weight_shard, bias_shard, rows, cw, plan, chunk, bool(reduce_input_grad)
     )

@@ -35,6 +35,8 @@ Two ways to cut the work, chosen from a memory budget for that buffer:
   inside; cuBLAS's reduced-precision split-K reductions are turned off for it). This is the CUDA fp16/bf16 default: the other plans sum the weight
   gradient over chunks of rows, which wants an fp32 ``[V, D]`` accumulator (2.4 GB
   for 256000 x 2304 -- twice the bf16 gradient) and a read and write of it per chunk.
+  (Without a weight gradient, whole-row chunks: the all-rows plan would only add a
+  matmul pass.)
 
 When a gradient is wanted and the reduction is 'mean' or 'sum', the forward pass
 computes it (either way) and backward only scales it by the upstream scalar. When it
@@ -49,8 +51,8 @@ The chunk plan (rows, classes) per block::
     chunk_size=(None, K)            all rows x K classes
     None: from the budget B bytes   (FUSED_CE_LINEAR_CHUNK_MB MiB if set, else
                                      _DEFAULT_BUDGET_MB for the device type)
-        CUDA fp16/bf16:             all rows x K = B // (N * s) classes (a
-                                    multiple of 64, >= 128), K fixed per call
+        CUDA fp16/bf16, when the    all rows x K = B // (N * s) classes (a
+        weight's gradient is wanted: multiple of 64, >= 128), K fixed per call
         else C = B // (V * s)       whole-vocabulary chunks if C >= _FUSED_MIN_ROWS
                                     (rounded down to a multiple of 8),
         else R = _BLOCK_ROWS,       K = B // (R * s) (a multiple of 64, >= 128)
@@ -151,14 +153,21 @@ def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def chunk_plan(num_classes: int, dtype: torch.dtype, device: torch.device, chunk_size=None) -> tuple[int, int]:
-    """(rows, classes) per block of logits (see the module docstring for the rule)."""
+def chunk_plan(
+    num_classes: int, dtype: torch.dtype, device: torch.device, chunk_size=None, weight_grad: bool = True
+) -> tuple[int, int]:
+    """(rows, classes) per block of logits (see the module docstring for the rule).
+
+    ``weight_grad``: whether the weight's gradient is wanted -- the all-rows plan
+    is there to make it without an fp32 accumulator; without it, it would only add
+    a matmul pass.
+    """
     if chunk_size is not None:
         return _explicit_plan(chunk_size, num_classes)
     key = _device_key(device)
     itemsize = compute_dtype(dtype, device).itemsize
     budget = _budget_bytes(key)
-    if key == "cuda" and dtype in (torch.float16, torch.bfloat16):
+    if key == "cuda" and dtype in (torch.float16, torch.bfloat16) and weight_grad:
         return ALL_ROWS, -1
     rows = budget // (num_classes * itemsize)
     if rows >= _FUSED_MIN_ROWS[key]:
@@ -992,15 +1001,15 @@ def linear_cross_entropy(
             "target: gradients with respect to probability targets are not supported by linear_cross_entropy; "
             "pass target.detach(), or use fused_ce.cross_entropy on the logits"
         )
-    plan = chunk_plan(linear_weight.shape[0], input.dtype, input.device, chunk_size)
-    args = (x, linear_weight, linear_bias, rows, class_weight)
-    options = (ignore_index, float(label_smoothing), cap, *plan)
     grad_on = torch.is_grad_enabled()
     needs = (
         grad_on and input.requires_grad,
         grad_on and linear_weight.requires_grad,
         grad_on and linear_bias is not None and linear_bias.requires_grad,
     )
+    plan = chunk_plan(linear_weight.shape[0], input.dtype, input.device, chunk_size, weight_grad=needs[1])
+    args = (x, linear_weight, linear_bias, rows, class_weight)
+    options = (ignore_index, float(label_smoothing), cap, *plan)
     acc = accumulate_dtype(input.dtype)
 
     if any(needs) and reduction != "none":

@@ -676,6 +676,8 @@ def test_chunk_plan_rule(monkeypatch):
     # CUDA fp16/bf16: all rows, the classes per block settled in the op from N.
     assert chunk_plan(256000, torch.bfloat16, cuda) == (ALL_ROWS, -1)
     assert chunk_plan(1000, torch.float16, cuda) == (ALL_ROWS, -1)
+    # ... when the weight's gradient is wanted; without it, whole rows as below.
+    assert chunk_plan(256000, torch.bfloat16, cuda, weight_grad=False) == (256 * 2**20 // 512000 // 8 * 8, 256000)
     # A budget of B MiB: whole rows, B * 2**20 // (V * element size) of them (a
     # multiple of 8) if that is at least 128 ...
     monkeypatch.setenv(CHUNK_ENV, "1")
