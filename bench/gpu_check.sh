@@ -121,6 +121,9 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
     step "sanitizer-$tool" 150 compute-sanitizer --tool "$tool" --error-exitcode 9 --target-processes all \
       "$PY" bench/sanitize_cuda.py --device "$DEVICE" "${cases[@]}"
   done
+  # The 1024-threads-per-row mapping (a measuring knob), every launch forced to it.
+  step sanitizer-memcheck-1024 90 env FUSED_CE_CUDA_THREADS_PER_ROW=1024 compute-sanitizer --tool memcheck \
+    --error-exitcode 9 --target-processes all "$PY" bench/sanitize_cuda.py --device "$DEVICE" --quick
 else
   say "compute-sanitizer not found: skipped"
   [ "$DRY_RUN" = 1 ] || failed+=("sanitizer(missing)")

@@ -32,11 +32,12 @@ Two ways to cut the work, chosen from a memory budget for that buffer:
 * **All rows x blocks of classes** (``N x K``), the same two passes with a single
   chunk of every row: each class block's weight gradient is then one matmul over
   all the rows, written once in the weight's dtype (the matmul accumulates in fp32
-  inside; cuBLAS's reduced-precision split-K reductions are turned off for it). This is the CUDA fp16/bf16 default: the other plans sum the weight
-  gradient over chunks of rows, which wants an fp32 ``[V, D]`` accumulator (2.4 GB
-  for 256000 x 2304 -- twice the bf16 gradient) and a read and write of it per chunk.
-  (Without a weight gradient, whole-row chunks: the all-rows plan would only add a
-  matmul pass.)
+  inside; cuBLAS's reduced-precision split-K reductions are turned off for it).
+  This is the CUDA fp16/bf16 default when the weight is trained: the other plans
+  sum the weight gradient over chunks of rows, which wants an fp32 ``[V, D]``
+  accumulator (2.4 GB for 256000 x 2304 -- twice the bf16 gradient) and a read and
+  write of it per chunk. (Without a weight gradient, whole-row chunks: the
+  all-rows plan would only add a matmul pass.)
 
 When a gradient is wanted and the reduction is 'mean' or 'sum', the forward pass
 computes it (either way) and backward only scales it by the upstream scalar. When it
@@ -378,7 +379,9 @@ class _Gradients:
                 _addmm_(out, grad_logits, w)
         if self.weight is not None:
             out, x = self.weight[classes], h.input[rows]
-            if rows.start == 0:  # the only chunk of the all-rows plan
+            if rows.start == 0:  # the first chunk (the only one of the all-rows plan)
+                # Only the all-rows plan writes fp16/bf16 here; elsewhere out is fp32
+                # and this does nothing.
                 with _fp32_reductions(out):
                     _mm(grad_logits.t(), x, out=out)
             else:

@@ -338,10 +338,24 @@ def test_threads_per_row_override(cuda_device, monkeypatch):
     # mapping gives the same results up to the merge order; a bad value is refused.
     x = torch.randn(6, 20000, device=cuda_device).bfloat16()
     target = torch.randint(0, 20000, (6,), device=cuda_device)
-    expected = fused_ce.cross_entropy(x, target, reduction="none")
+    probs = torch.softmax(torch.randn(6, 20000, device=cuda_device), -1).bfloat16()
+
+    def results():
+        # Forward alone, the fused loss + gradient, smoothing, probability targets, entropy.
+        xs = x.detach().requires_grad_(True)
+        loss = fused_ce.cross_entropy(xs, target, label_smoothing=0.1)
+        loss.backward()
+        h = x.detach().requires_grad_(True)
+        entropy = fused_ce.entropy(h)
+        entropy.sum().backward()
+        return (fused_ce.cross_entropy(x, target, reduction="none"), loss, xs.grad,
+                fused_ce.cross_entropy(x, probs, reduction="none"), entropy, h.grad)
+
+    expected = results()
     for threads in ("1024", "256", "32"):
         monkeypatch.setenv("FUSED_CE_CUDA_THREADS_PER_ROW", threads)
-        torch.testing.assert_close(fused_ce.cross_entropy(x, target, reduction="none"), expected)
+        for got, want in zip(results(), expected):
+            torch.testing.assert_close(got, want)
     monkeypatch.setenv("FUSED_CE_CUDA_THREADS_PER_ROW", "7")
     with pytest.raises(RuntimeError, match="FUSED_CE_CUDA_THREADS_PER_ROW must be 32, 256, 512 or 1024"):
         fused_ce.cross_entropy(x, target)

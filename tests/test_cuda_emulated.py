@@ -132,11 +132,12 @@ def test_float32_every_mapping_and_layout(emulator, threads, v, layout):
         _compare(emulator, logits, _targets(kind, n, v, torch.float32), w, smoothing, softcap, threads)
 
 
-@pytest.mark.parametrize("v, layout", [(7, "unaligned"), (9001, "unaligned"), (17000, "padded_rows")], ids=str)
+@pytest.mark.parametrize("v, layout", [(7, "unaligned"), (9001, "unaligned"), (33000, "padded_rows")], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_thousand_threads_per_row(emulator, dtype, v, layout):
     # The 1024-thread mapping (FUSED_CE_CUDA_THREADS_PER_ROW=1024, for measuring):
-    # merges across 32 warps, batched rounds of 4 x 1024 vectors.
+    # merges across 32 warps; V = 33000 has a batched round of 4 x 1024 vectors
+    # (32768 bf16 elements) and two rounds of the write loop's 2 x 1024.
     torch.manual_seed(v)
     n = 3
     acc = torch.float32
@@ -189,7 +190,7 @@ def test_non_finite_logits_match_the_cpu_kernels(emulator, threads):
         _compare(emulator, logits, target, None, smoothing, 0.0, threads)
 
 
-@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("threads", THREADS + (1024,))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_entropy_kernels(emulator, threads, dtype):
     torch.manual_seed(threads)

@@ -96,7 +96,9 @@ __device__ __forceinline__ RowSplit split_row(const scalar_t* row, int64_t num_c
 // (sm_90) spilled in the fused one-hot kernel and gave the smoothed and
 // probability ones 90+ registers (one block of 512 threads per SM); with these
 // the bf16 fused one-hot kernel keeps 2 blocks per SM at 64 registers, no spills.
-// Not yet timed on a GPU.
+// ptxas still trades a few spilled bytes for occupancy elsewhere (bf16: backward
+// one-hot at 40 registers, 3 blocks per SM; fused smoothed; at 1024 threads the
+// fused smoothed and probability ones). Not yet timed on a GPU.
 constexpr int kReadBatch = 4;
 constexpr int kWriteBatch = 2;
 
@@ -309,8 +311,11 @@ __global__ void __launch_bounds__(block_size<kThreads>())
   if (row >= p.num_rows) return;
 
   const RowContext<scalar_t> ctx(p, row);
-  // Read before any thread may overwrite the row with its gradient.
+  // Read before any thread may overwrite the row with its gradient: merge_row's
+  // __syncthreads orders it before the stores for a block per row; a warp per row
+  // needs its own barrier (shuffles do not order memory).
   const acc_t zy = ctx.index >= 0 ? ctx.logit(ctx.logits[ctx.index]) : acc_t(0);
+  if constexpr (kWithGrad && kThreads <= kWarp) __syncwarp();
   const RowSplit split = split_row(ctx.logits, p.num_classes);
   RowStats<acc_t> s = empty_row_stats<acc_t>();
   for_each_owned<scalar_t, kThreads>(

@@ -7,7 +7,6 @@
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
-#include <string>
 
 #include "cuda/kernels.cuh"
 
@@ -15,15 +14,17 @@ namespace fused_ce::cuda {
 
 // threads_per_row's choice, unless the environment variable
 // FUSED_CE_CUDA_THREADS_PER_ROW names a mapping (32, 256, 512 or 1024). Read at
-// every launch: a knob for measuring (bench/kernel_times.py), not for training.
+// every launch: a knob for measuring (bench/kernel_times.py), not for training
+// (nor for changing from one thread while another launches: getenv is not
+// synchronised with setenv).
 inline int launch_threads_per_row(int64_t num_classes) {
   const char* text = std::getenv("FUSED_CE_CUDA_THREADS_PER_ROW");
   if (text == nullptr || *text == '\0') return threads_per_row(num_classes);
-  const std::string value(text);
-  for (const int threads : {32, 256, 512, 1024}) {
-    if (value == std::to_string(threads)) return threads;
-  }
-  TORCH_CHECK(false, "FUSED_CE_CUDA_THREADS_PER_ROW must be 32, 256, 512 or 1024, got '", value, "'");
+  char* end = nullptr;
+  const long threads = std::strtol(text, &end, 10);
+  TORCH_CHECK(*end == '\0' && (threads == 32 || threads == 256 || threads == 512 || threads == 1024),
+              "FUSED_CE_CUDA_THREADS_PER_ROW must be 32, 256, 512 or 1024, got '", text, "'");
+  return static_cast<int>(threads);
 }
 
 template <int kThreads>

@@ -94,6 +94,10 @@ void launch(int64_t grid, unsigned threads, Kernel kernel, const Args&... args) 
 
 inline void __syncthreads() { emu::current_block->barrier.arrive_and_wait(); }
 
+inline void __syncwarp(unsigned /*mask*/ = 0xffffffffu) {
+  emu::current_block->warp_barriers[emu::thread_idx.x / 32]->arrive_and_wait();
+}
+
 template <typename T>
 inline T __shfl_xor_sync(unsigned /*mask*/, T value, int offset) {
   return emu::shfl_xor(value, offset);
