@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
-import ctypes
 import math
 import os
 import re
@@ -50,6 +49,7 @@ from torch import nn
 
 import fused_ce
 from fused_ce._progress import Progress
+from fused_ce.bench import measure_peak_mb
 
 VARIANTS = ("torch", "fused_ce")
 COLORS = {"torch": "#4C72B0", "fused_ce": "#DD8452"}
@@ -156,47 +156,6 @@ LOSSES = {"torch": torch_loss, "fused_ce": fused_loss}
 # --------------------------------------------------------------------------- measuring
 
 
-class PeakMemory:
-    """Peak memory of a block above what was in use when it began, in MiB."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self._trim = None
-        if device.type == "cpu":
-            if not os.path.exists("/proc/self/clear_refs"):
-                raise SystemExit("measuring CPU memory needs Linux (/proc/self/clear_refs)")
-            try:
-                self._trim = ctypes.CDLL("libc.so.6").malloc_trim
-            except OSError:  # not glibc
-                self._trim = None
-
-    def start(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-            return
-        if self._trim is not None:
-            self._trim(0)  # hand freed heap memory back, so the step cannot hide in it
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := VmRSS
-        self._base = _status_kib("VmRSS") * 1024
-
-    def stop(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
-        return (_status_kib("VmHWM") * 1024 - self._base) / 2**20
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -239,24 +198,30 @@ def train(args) -> dict:
     }
     data = batches(train_ids, args.steps, args.batch, args.seq, args.seed)
     record = {v: {"loss": [], "time": [], "memory": []} for v in VARIANTS}
-    memory = PeakMemory(device)
+    if device.type == "cpu" and not os.path.exists("/proc/self/clear_refs"):
+        raise SystemExit("measuring CPU memory needs Linux (/proc/self/clear_refs)")
 
     def step(variant: str, i: int, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
         m, opt = models[variant], optimizers[variant]
         for group in opt.param_groups:
             group["lr"] = lr_at(i, args.steps, args.lr, max(1, args.steps // 20))
         x, y = x.to(device), y.to(device)
-        memory.start()
-        _sync(device)
-        start = time.perf_counter()
-        loss = LOSSES[variant](m.hidden_states(x), m.lm_head.weight, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        _sync(device)
-        elapsed = time.perf_counter() - start
-        peak = memory.stop()
-        return loss.item(), elapsed, peak
+        result = {}
+
+        def timed():
+            _sync(device)
+            start = time.perf_counter()
+            loss = LOSSES[variant](m.hidden_states(x), m.lm_head.weight, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            _sync(device)
+            result["elapsed"] = time.perf_counter() - start
+            result["loss"] = loss.item()
+
+        # CPU: peak RSS (malloc_trim, then VmHWM reset through clear_refs); CUDA: allocator peak.
+        peak = measure_peak_mb(timed, device)
+        return result["loss"], result["elapsed"], peak
 
     with Progress(total=args.steps, enabled=not args.no_progress) as bar:
         for i, (x, y) in enumerate(data):

@@ -174,8 +174,7 @@ def chunk_plan(
     if rows >= _FUSED_MIN_ROWS[key]:
         return _align_down(rows, _ROW_ALIGN), num_classes
     block_rows = _BLOCK_ROWS[key]
-    classes = max(_MIN_BLOCK_CLASSES, _align_down(budget // (block_rows * itemsize), _CLASS_ALIGN))
-    return block_rows, min(classes, num_classes)
+    return block_rows, min(_block_classes(budget, block_rows, itemsize), num_classes)
 
 
 def _explicit_plan(chunk_size, num_classes: int) -> tuple[int, int]:
@@ -192,6 +191,11 @@ def _explicit_plan(chunk_size, num_classes: int) -> tuple[int, int]:
         "chunk_size must be None, a positive int (rows per chunk) or a pair (rows, classes) of positive ints "
         f"(rows may be None: all of them), got {chunk_size!r}"
     )
+
+
+def _block_classes(budget: int, rows: int, itemsize: int) -> int:
+    """Classes per block of ``rows`` rows in the budget: a multiple of 64, at least 128."""
+    return max(_MIN_BLOCK_CLASSES, _align_down(budget // (rows * itemsize), _CLASS_ALIGN))
 
 
 def _device_key(device: torch.device) -> str:
@@ -281,7 +285,7 @@ class Head:
         if classes < 0:
             itemsize = compute_dtype(self.input.dtype, self.input.device).itemsize
             budget = _budget_bytes(_device_key(self.input.device))
-            classes = max(_MIN_BLOCK_CLASSES, _align_down(budget // (rows * itemsize), _CLASS_ALIGN))
+            classes = _block_classes(budget, rows, itemsize)
         return replace(self, rows=rows, classes=classes)
 
     @property

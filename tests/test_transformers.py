@@ -16,8 +16,6 @@ in fresh subprocesses; run this file as a script to print the measurement::
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import json
 import os
 import subprocess
@@ -30,6 +28,7 @@ transformers = pytest.importorskip("transformers")
 
 import fused_ce  # noqa: E402
 import fused_ce.integrations.transformers as fused_hf  # noqa: E402
+from fused_ce.bench import measure_peak_mb  # noqa: E402
 
 VOCAB = 97
 TINY = dict(
@@ -446,14 +445,6 @@ def _measure_in_subprocess(variant: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def measure_peak(variant: str) -> dict:
     """Extra peak RSS of one forward + backward of the V = 32000 Llama on 4 x 256 tokens.
 
@@ -475,14 +466,10 @@ def measure_peak(variant: str) -> dict:
 
     step()
     model.zero_grad(set_to_none=True)
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _status_kib("VmRSS")
-    loss = step()
-    peak = _status_kib("VmHWM")
-    return {"variant": variant, "loss": loss, "extra_peak_mib": (peak - base) / 1024, "base_rss_mib": base / 1024}
+    losses = []
+    # gc, malloc_trim, reset VmHWM, read VmRSS, run, read VmHWM (fused_ce.bench).
+    peak = measure_peak_mb(lambda: losses.append(step()), torch.device("cpu"))
+    return {"variant": variant, "loss": losses[0], "extra_peak_mib": peak}
 
 
 if __name__ == "__main__":
