@@ -43,12 +43,19 @@ TORCH_LIBRARY(fused_ce, m) {
       "cross_entropy_backward(Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
       "Tensor p_coef, Tensor t_coef, int ignore_index, float label_smoothing, float softcap, int vocab_start=0, int "
       "vocab_total=-1) -> Tensor");
-  // The same gradient written into `grad`, except for rows i with keep_where_one[i]
-  // == 1, which keep what they hold (the fused op's backward: see fused_ce/ops.py).
+  // The same gradient written into `grad` (which must not overlap the logits), except
+  // for rows i with keep_where_one[i] == 1, which keep what they hold (the fused op's
+  // backward: see fused_ce/ops.py).
   m.def(
       "cross_entropy_backward_into_(Tensor(a!) grad, Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
       "Tensor p_coef, Tensor t_coef, Tensor keep_where_one, int ignore_index, float label_smoothing, "
       "float softcap, int vocab_start=0, int vocab_total=-1) -> ()");
+  // The same gradient written over the logits themselves (the linear path's
+  // blocks: each element is read, then overwritten, by the thread that owns it).
+  m.def(
+      "cross_entropy_backward_(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor lse, Tensor p_coef, "
+      "Tensor t_coef, int ignore_index, float label_smoothing, float softcap, int vocab_start=0, "
+      "int vocab_total=-1) -> ()");
   // The training hot path: one pass computes the per-row objective
   //   row_scale_i * loss_i + z_scale_i * lse_i^2
   // and writes its gradient (see objective() in common/ce_math.h). Backward then
@@ -74,43 +81,31 @@ TORCH_LIBRARY(fused_ce, m) {
 
 namespace {
 
-// The mutating ops bump the version counter of the tensor they modify (as ATen's
-// own in-place ops do), so that autograd raises when a tensor saved for a backward
-// pass was overwritten, instead of using the new values.
-void scale_rows_bump_version(c10::DispatchKeySet keys, const at::Tensor& rows, const at::Tensor& scale) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fused_ce::scale_rows_", "")
-                             .typed<void(const at::Tensor&, const at::Tensor&)>();
+// Every op whose schema writes a tensor (a `Tensor(a!)` argument) bumps that
+// tensor's version counter, as ATen's own in-place ops do, so that autograd raises
+// when a tensor saved for a backward pass was overwritten instead of using the new
+// values. One boxed kernel serves them all, reading the written arguments off the
+// schema (tests/test_ops.py checks every mutating op of the library against it).
+void bump_versions_of_written(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const auto& arguments = op.schema().arguments();
+  const size_t first = stack->size() - arguments.size();
+  std::vector<at::Tensor> written;
+  for (size_t i = 0; i < arguments.size(); ++i) {
+    const c10::AliasInfo* alias = arguments[i].alias_info();
+    if (alias != nullptr && alias->isWrite()) written.push_back((*stack)[first + i].toTensor());
+  }
   {
     const c10::impl::ExcludeDispatchKeyGuard below(c10::DispatchKey::ADInplaceOrView);
-    op.redispatch(keys & c10::after_ADInplaceOrView_keyset, rows, scale);
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
   }
-  rows.unsafeGetTensorImpl()->bump_version();
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_inplace_bump_version(
-    c10::DispatchKeySet keys, const at::Tensor& logits, const at::Tensor& target,
-    const std::optional<at::Tensor>& weight, const at::Tensor& row_scale, const std::optional<at::Tensor>& z_scale,
-    int64_t ignore_index, double label_smoothing, double softcap, int64_t vocab_start, int64_t vocab_total) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fused_ce::cross_entropy_fused_", "")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-              const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
-              const std::optional<at::Tensor>&, int64_t, double, double, int64_t, int64_t)>();
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
-  {
-    const c10::impl::ExcludeDispatchKeyGuard below(c10::DispatchKey::ADInplaceOrView);
-    out = op.redispatch(keys & c10::after_ADInplaceOrView_keyset, logits, target, weight, row_scale, z_scale,
-                        ignore_index, label_smoothing, softcap, vocab_start, vocab_total);
-  }
-  logits.unsafeGetTensorImpl()->bump_version();
-  return out;
+  for (const at::Tensor& t : written) t.unsafeGetTensorImpl()->bump_version();
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_ce, ADInplaceOrView, m) {
-  m.impl("scale_rows_", TORCH_FN(scale_rows_bump_version));
-  m.impl("cross_entropy_fused_", TORCH_FN(fused_inplace_bump_version));
+  for (const char* name : {"scale_rows_", "cross_entropy_fused_", "cross_entropy_backward_into_",
+                           "cross_entropy_backward_"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&bump_versions_of_written>());
+  }
 }

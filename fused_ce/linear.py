@@ -509,13 +509,11 @@ def _row_statistics(blocks: _Blocks, rows: slice, out: tuple[Tensor, Tensor, Ten
 
 def _row_gradients(blocks: _Blocks, rows: slice, grads: _Gradients, lse, p_coef, t_coef) -> None:
     """The gradients of a chunk of rows with the given per-row coefficients (views [r]), block by block."""
-    keep = torch.zeros_like(lse)  # keep_where_one = 0: the buffer holds logits, every row is written
     for classes in blocks.class_blocks():
         logits = blocks.logits(rows, classes)
         target, weight, *options = blocks.op_args(rows, classes)
-        torch.ops.fused_ce.cross_entropy_backward_into_(
-            logits, logits, target, weight, lse, p_coef, t_coef, keep, *options
-        )
+        # The block's logits are overwritten by their gradient (the buffer is ours).
+        torch.ops.fused_ce.cross_entropy_backward_(logits, target, weight, lse, p_coef, t_coef, *options)
         grads.add(rows, classes, logits)
 
 

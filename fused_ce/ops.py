@@ -175,13 +175,23 @@ def _backward_into_fake(
     return None
 
 
+@torch.library.register_fake("fused_ce::cross_entropy_backward_")
+def _backward_inplace_fake(
+    logits, target, weight, lse, p_coef, t_coef, ignore_index, label_smoothing, softcap, vocab_start=0, vocab_total=-1
+):
+    return None
+
+
 def _fused_setup_context(ctx, inputs, output):
     logits, target, weight, row_scale, z_scale, *options = inputs
     _objective, lse, mass, grad = output
-    ctx.save_for_backward(logits, target, weight, row_scale, z_scale, lse, mass, grad)
+    ctx.save_for_backward(logits, target, weight, row_scale, z_scale, lse, mass)
+    # Held outside save_for_backward (detached: no cycle through a grad_fn): the first
+    # eager backward writes into this very buffer and hands it on, then drops it here.
+    # (Saved, the write would bump its version and a second backward would refuse it.)
+    ctx.grad = grad.detach()
     ctx.options = _options(options)
     ctx.num_inputs = len(inputs)
-    ctx.grad_buffer_used = False
     ctx.mark_non_differentiable(lse, mass, grad)
     # Otherwise autograd would zero-fill an N x V gradient for the `grad` output.
     ctx.set_materialize_grads(False)
@@ -191,7 +201,7 @@ def _fused_backward(ctx, grad_objective: Tensor | None, _grad_lse, _grad_mass, _
     no_grads = (None,) * (ctx.num_inputs - 1)
     if grad_objective is None:
         return (None,) + no_grads
-    logits, target, weight, row_scale, z_scale, lse, mass, grad = ctx.saved_tensors
+    logits, target, weight, row_scale, z_scale, lse, mass = ctx.saved_tensors
     g = grad_objective.to(lse.dtype)
     if torch.is_grad_enabled():  # create_graph=True
         z_coef = None if z_scale is None else 2 * g * z_scale
@@ -201,21 +211,20 @@ def _fused_backward(ctx, grad_objective: Tensor | None, _grad_lse, _grad_mass, _
         return (grad,) + no_grads
     t_coef = (g * row_scale).contiguous()
     p_coef = (t_coef * mass + (0 if z_scale is None else 2 * g * z_scale * lse)).contiguous()
-    options = ctx.options
-    if ctx.grad_buffer_used or type(grad) is not torch.Tensor:
+    grad, ctx.grad = ctx.grad, None
+    if grad is None or type(g) is not torch.Tensor or torch.compiler.is_compiling():
         # A second backward through the same graph (retain_graph, gradcheck): the
         # buffer was handed on, so compute afresh from the logits. Also when traced
         # (AOTAutograd's functional tensors): a traced graph must not mutate a
-        # saved tensor.
-        grad = torch.ops.fused_ce.cross_entropy_backward(logits, target, weight, lse, p_coef, t_coef, *options)
+        # buffer the forward made.
+        grad = torch.ops.fused_ce.cross_entropy_backward(logits, target, weight, lse, p_coef, t_coef, *ctx.options)
     else:
         # The forward pass wrote d(objective_i)/d(logits_i). Rows whose upstream
         # gradient is exactly 1 -- every row after a plain loss.backward() -- hold
         # their gradient already and are not touched (decided on the device); the
         # others are recomputed from the logits with the upstream folded in, so the
         # result is rounded once, as in the two-pass path.
-        ctx.grad_buffer_used = True
-        torch.ops.fused_ce.cross_entropy_backward_into_(grad, logits, target, weight, lse, p_coef, t_coef, g, *options)
+        torch.ops.fused_ce.cross_entropy_backward_into_(grad, logits, target, weight, lse, p_coef, t_coef, g, *ctx.options)
     return (grad,) + no_grads
 
 

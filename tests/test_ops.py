@@ -364,3 +364,88 @@ def test_device_check_traces_without_a_graph_break():
     x = torch.zeros(3)
     expected = f(x)
     torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(x), expected)
+
+
+# -- mutating ops: what they write, and the version counter ---------------------------------
+
+
+def _mutating_op_calls(device):
+    """One sample call for each op of the library whose schema writes a tensor: name -> (call, written tensor)."""
+    logits, target, _ = raw_problem("index", 6, 9, torch.float32, device, weighted=False)
+    rows = torch.ones(6, device=device)
+    lse = torch.logsumexp(logits, 1)
+    options = (IGNORE, 0.0, 0.0)
+    grad = torch.empty_like(logits)
+    inplace_logits = logits.clone()
+    return {
+        "scale_rows_": (lambda: torch.ops.fused_ce.scale_rows_(grad, rows * 2), grad),
+        "cross_entropy_fused_": (
+            lambda: torch.ops.fused_ce.cross_entropy_fused_(inplace_logits, target, None, rows, None, *options),
+            inplace_logits,
+        ),
+        "cross_entropy_backward_into_": (
+            lambda: torch.ops.fused_ce.cross_entropy_backward_into_(
+                grad, logits, target, None, lse, rows, rows, rows * 0, *options
+            ),
+            grad,
+        ),
+        "cross_entropy_backward_": (
+            lambda: torch.ops.fused_ce.cross_entropy_backward_(inplace_logits, target, None, lse, rows, rows, *options),
+            inplace_logits,
+        ),
+    }
+
+
+def _mutating_op_names() -> set[str]:
+    names = set()
+    for schema in torch._C._jit_get_all_schemas():
+        if schema.name.startswith("fused_ce::") and any(
+            a.alias_info is not None and a.alias_info.is_write for a in schema.arguments
+        ):
+            names.add(schema.name.removeprefix("fused_ce::"))
+    return names
+
+
+def test_every_mutating_op_bumps_the_version_of_what_it_writes(device):
+    # Autograd relies on it to refuse a backward that would read overwritten tensors.
+    calls = _mutating_op_calls(device)
+    assert set(calls) == _mutating_op_names(), "a mutating op needs a sample call here"
+    for name, (call, written) in calls.items():
+        before = written._version
+        call()
+        assert written._version == before + 1, name
+
+
+def test_backward_into_refuses_a_buffer_that_overlaps_the_logits(device):
+    # Writing the gradient over the logits is the job of cross_entropy_backward_, whose
+    # schema says it writes them.
+    logits, target, _ = raw_problem("index", 6, 9, torch.float32, device, weighted=False)
+    rows = torch.ones(6, device=device)
+    lse = torch.logsumexp(logits, 1)
+    for grad in (logits, logits[:, :]):
+        with pytest.raises(RuntimeError, match="single memory location"):
+            torch.ops.fused_ce.cross_entropy_backward_into_(grad, logits, target, None, lse, rows, rows, rows * 0,
+                                                            IGNORE, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
+def test_backward_in_place_matches_out_of_place(device, dtype):
+    logits, target, weight = raw_problem("index", 33, 1000, dtype, device, weighted=True)
+    lse = torch.logsumexp(logits.float(), 1)
+    p_coef, t_coef = torch.rand(33, device=device), torch.rand(33, device=device)
+    options = (IGNORE, 0.1, 12.0)
+    expected = torch.ops.fused_ce.cross_entropy_backward(logits, target, weight, lse, p_coef, t_coef, *options)
+    in_place = logits.clone()
+    torch.ops.fused_ce.cross_entropy_backward_(in_place, target, weight, lse, p_coef, t_coef, *options)
+    assert torch.equal(in_place, expected)
+
+
+def test_fused_path_backward_twice_does_not_trip_on_its_own_buffer(device):
+    # The first backward writes into the buffer the forward made; a second one (retain_graph)
+    # must recompute rather than read a tensor whose version moved.
+    x = torch.randn(5, 40, device=device, requires_grad=True)
+    target = torch.randint(0, 40, (5,), device=device)
+    loss = fused_ce.cross_entropy(x * 1.0, target)
+    (first,) = torch.autograd.grad(loss, x, torch.tensor(0.5, device=device), retain_graph=True)
+    (second,) = torch.autograd.grad(loss, x, torch.tensor(0.5, device=device))
+    torch.testing.assert_close(first, second, rtol=0, atol=0)

@@ -18,11 +18,14 @@ inline at::ScalarType accumulate_type(at::ScalarType logits) {
   return logits == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// Rows need unit stride along classes; an empty tensor holds no element to stride over.
+inline bool unit_class_stride(const at::Tensor& t) { return t.numel() == 0 || t.size(1) <= 1 || t.stride(1) == 1; }
+
 inline void check_forward_args(const at::Tensor& logits, const at::Tensor& target,
                                const std::optional<at::Tensor>& weight, double label_smoothing, double softcap) {
   TORCH_CHECK_VALUE(logits.dim() == 2, "logits must be 2-D [N, V], got ", logits.dim(), " dimensions");
   TORCH_CHECK_TYPE(logits.is_floating_point(), "logits must be floating point, got ", logits.scalar_type());
-  TORCH_CHECK_VALUE(logits.size(1) <= 1 || logits.stride(1) == 1, "logits must have unit stride along classes");
+  TORCH_CHECK_VALUE(unit_class_stride(logits), "logits must have unit stride along classes");
   const int64_t N = logits.size(0), V = logits.size(1);
   TORCH_CHECK_VALUE(V > 0, "logits must have at least one class, got V = 0");
   TORCH_CHECK_VALUE(target.device() == logits.device(), "target must be on the logits' device (", logits.device(),
@@ -32,7 +35,7 @@ inline void check_forward_args(const at::Tensor& logits, const at::Tensor& targe
                       logits.sizes(), ", got ", target.sizes());
     TORCH_CHECK_TYPE(target.scalar_type() == logits.scalar_type(), "probability target must have the logits' dtype (",
                      logits.scalar_type(), "), got ", target.scalar_type());
-    TORCH_CHECK_VALUE(V <= 1 || target.stride(1) == 1, "probability target must have unit stride along classes");
+    TORCH_CHECK_VALUE(unit_class_stride(target), "probability target must have unit stride along classes");
   } else {
     TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, "class-index target must be int64, got ", target.scalar_type());
     TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == N, "class-index target must have shape [", N, "], got ",
@@ -67,7 +70,7 @@ inline void check_entropy_args(const at::Tensor& logits) {
   TORCH_CHECK_VALUE(logits.dim() == 2, "logits must be 2-D [N, V], got ", logits.dim(), " dimensions");
   TORCH_CHECK_TYPE(logits.is_floating_point(), "logits must be floating point, got ", logits.scalar_type());
   TORCH_CHECK_VALUE(logits.size(1) > 0, "logits must have at least one class, got V = 0");
-  TORCH_CHECK_VALUE(logits.size(1) <= 1 || logits.stride(1) == 1, "logits must have unit stride along classes");
+  TORCH_CHECK_VALUE(unit_class_stride(logits), "logits must have unit stride along classes");
 }
 
 inline void check_grad_buffer(const at::Tensor& grad, const at::Tensor& logits) {
@@ -75,7 +78,7 @@ inline void check_grad_buffer(const at::Tensor& grad, const at::Tensor& logits) 
                     grad.sizes());
   TORCH_CHECK_TYPE(grad.scalar_type() == logits.scalar_type(), "grad must have the logits' dtype");
   TORCH_CHECK_VALUE(grad.device() == logits.device(), "grad must be on the logits' device");
-  TORCH_CHECK_VALUE(grad.size(1) <= 1 || grad.stride(1) == 1, "grad must have unit stride along classes");
+  TORCH_CHECK_VALUE(unit_class_stride(grad), "grad must have unit stride along classes");
 }
 
 inline void check_fused_args(const at::Tensor& logits, const at::Tensor& row_scale,
@@ -86,7 +89,7 @@ inline void check_fused_args(const at::Tensor& logits, const at::Tensor& row_sca
 
 inline void check_scale_rows_args(const at::Tensor& rows, const at::Tensor& scale) {
   TORCH_CHECK_VALUE(rows.dim() == 2, "rows must be 2-D, got ", rows.dim(), " dimensions");
-  TORCH_CHECK_VALUE(rows.size(1) <= 1 || rows.stride(1) == 1, "rows must have unit stride along classes");
+  TORCH_CHECK_VALUE(unit_class_stride(rows), "rows must have unit stride along classes");
   TORCH_CHECK_VALUE(scale.dim() == 1 && scale.size(0) == rows.size(0), "scale must have shape [", rows.size(0),
                     "], got ", scale.sizes());
   const auto acc = accumulate_type(rows.scalar_type());

@@ -1,6 +1,7 @@
 // CPU registration of the fused_ce ops: argument checks, output allocation, and
 // the choice of the kernels' instruction set (the one ATen itself uses, which
 // honours ATEN_CPU_CAPABILITY).
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -193,8 +194,22 @@ void backward_into_cpu(const at::Tensor& grad, const at::Tensor& logits, const a
   check_row_vector(t_coef, "t_coef", logits);
   check_row_vector(keep_where_one, "keep_where_one", logits);
   check_grad_buffer(grad, logits);
+  at::assert_no_overlap(grad, logits);  // in place is cross_entropy_backward_
   at::Tensor g = grad;
   FUSED_CE_CPU_CALL(backward, args, lse.contiguous(), p_coef.contiguous(), t_coef.contiguous(), keep_where_one, g);
+}
+
+void backward_inplace_cpu(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                          const at::Tensor& lse, const at::Tensor& p_coef, const at::Tensor& t_coef,
+                          int64_t ignore_index, double label_smoothing, double softcap, int64_t vocab_start,
+                          int64_t vocab_total) {
+  const KernelArgs args =
+      make_args(logits, target, weight, ignore_index, label_smoothing, softcap, vocab_start, vocab_total);
+  check_row_vector(lse, "lse", logits);
+  check_row_vector(p_coef, "p_coef", logits);
+  check_row_vector(t_coef, "t_coef", logits);
+  at::Tensor g = logits;
+  FUSED_CE_CPU_CALL(backward, args, lse.contiguous(), p_coef.contiguous(), t_coef.contiguous(), at::Tensor(), g);
 }
 
 }  // namespace
@@ -203,6 +218,7 @@ TORCH_LIBRARY_IMPL(fused_ce, CPU, m) {
   m.impl("cross_entropy_forward", &forward_cpu);
   m.impl("cross_entropy_backward", &backward_cpu);
   m.impl("cross_entropy_backward_into_", &backward_into_cpu);
+  m.impl("cross_entropy_backward_", &backward_inplace_cpu);
   m.impl("cross_entropy_fused", &fused_cpu);
   m.impl("cross_entropy_fused_", &fused_inplace_cpu);
   m.impl("scale_rows_", &scale_rows_cpu);

@@ -5,6 +5,7 @@
 // results are NaN (checking on the host would cost a synchronisation; the Python
 // API can opt into it, see fused_ce.set_target_validation).
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -83,8 +84,17 @@ void backward_into_cuda(const at::Tensor& grad, const at::Tensor& logits, const 
                         const std::optional<at::Tensor>& weight, const at::Tensor& lse, const at::Tensor& p_coef,
                         const at::Tensor& t_coef, const at::Tensor& keep_where_one, int64_t ignore_index,
                         double label_smoothing, double softcap, int64_t vocab_start, int64_t vocab_total) {
+  at::assert_no_overlap(grad, logits);  // in place is cross_entropy_backward_
   backward_into(grad, logits, target, weight, lse, p_coef, t_coef, &keep_where_one, ignore_index, label_smoothing,
                 softcap, vocab_start, vocab_total);
+}
+
+void backward_inplace_cuda(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                           const at::Tensor& lse, const at::Tensor& p_coef, const at::Tensor& t_coef,
+                           int64_t ignore_index, double label_smoothing, double softcap, int64_t vocab_start,
+                           int64_t vocab_total) {
+  backward_into(logits, logits, target, weight, lse, p_coef, t_coef, nullptr, ignore_index, label_smoothing, softcap,
+                vocab_start, vocab_total);
 }
 
 // Shared by the out-of-place and in-place fused ops: grad is the buffer to write.
@@ -197,6 +207,7 @@ TORCH_LIBRARY_IMPL(fused_ce, CUDA, m) {
   m.impl("cross_entropy_forward", &forward_cuda);
   m.impl("cross_entropy_backward", &backward_cuda);
   m.impl("cross_entropy_backward_into_", &backward_into_cuda);
+  m.impl("cross_entropy_backward_", &backward_inplace_cuda);
   m.impl("cross_entropy_fused", &fused_cuda);
   m.impl("cross_entropy_fused_", &fused_inplace_cuda);
   m.impl("scale_rows_", &scale_rows_cuda);

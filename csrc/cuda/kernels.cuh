@@ -358,7 +358,7 @@ __global__ void __launch_bounds__(block_size<kThreads>())
 template <typename scalar_t, int kThreads, TargetMode kMode>
 __global__ void __launch_bounds__(block_size<kThreads>())
     backward_kernel(const RowProblem<scalar_t> p, const BackwardInputs<acc_type<scalar_t>> in,
-                    scalar_t* __restrict__ grad, int64_t grad_stride) {
+                    scalar_t* grad, int64_t grad_stride) {  // grad may be the logits (in place)
   const int lane = lane_in_row<kThreads>();
   const int64_t row = row_of_thread<kThreads>();
   if (row >= p.num_rows) return;
