@@ -5,33 +5,39 @@ that reads each row of logits once (an online log-sum-exp), keeps nothing of siz
 for backward, and writes the gradient in one pass.
 """
 
-import torch  # noqa: F401  -- loads libtorch, which fused_ce._C links against
+import torch  # loads libtorch, which fused_ce._C links against
 
 try:
-    from . import _C  # noqa: F401  -- loading the library registers the ops
+    from . import _C  # loading the library registers the ops
 except ImportError as e:  # pragma: no cover - depends on the build
     raise ImportError(
         "fused_ce's compiled extension fused_ce._C could not be loaded "
         f"({e}). Build it with `pip install --no-build-isolation -e .` from the repository root."
     ) from e
 
-from . import ops  # noqa: F401,E402  -- fake kernels and autograd of the ops
-from .functional import cross_entropy, entropy, focal_loss, set_target_validation  # noqa: E402
-from .modules import CrossEntropyLoss  # noqa: E402
-from .linear import LinearCrossEntropyLoss, linear_cross_entropy  # noqa: E402
-from .ops import cuda_kernels_available  # noqa: E402
-from .distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy  # noqa: E402
+from . import ops  # the ops' fake kernels and autograd
+from ._checks import ArgumentError, ArgumentTypeError
+from ._version import __version__
+from .distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+from .functional import cross_entropy, entropy, focal_loss, set_target_validation
+from .linear import LinearCrossEntropyLoss, linear_cross_entropy
+from .modules import CrossEntropyLoss
+from .ops import cuda_kernels_available
 
-__version__ = "0.1.0"
+del torch
 
 __all__ = [
+    "ArgumentError",
+    "ArgumentTypeError",
     "CrossEntropyLoss",
     "LinearCrossEntropyLoss",
+    "__version__",
     "cross_entropy",
     "cuda_kernels_available",
     "entropy",
     "focal_loss",
     "linear_cross_entropy",
+    "ops",
     "set_target_validation",
     "vocab_parallel_cross_entropy",
     "vocab_parallel_linear_cross_entropy",

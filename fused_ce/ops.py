@@ -16,7 +16,7 @@ gradient is not exactly 1.
 
 Backward through the kernels is first-order. With ``create_graph=True`` (double
 backward: gradient penalties, Hessian-vector products) the gradient is composed from
-differentiable torch ops instead (:func:`_gradient_by_formula`), materialising the
+differentiable torch ops instead (:func:`gradient_by_formula`), materialising the
 softmax -- correct, not fast.
 """
 
@@ -102,7 +102,7 @@ def target_distribution(
     return t * weight if weight is not None else t
 
 
-def _gradient_by_formula(logits, target, weight, options, loss_coef, lse_coef_fn, lse=None):
+def gradient_by_formula(logits, target, weight, options, loss_coef, lse_coef_fn, lse=None):
     """d/d logits of sum_i loss_coef_i * loss_i + (terms in lse_i), as differentiable torch ops.
 
     lse_coef_fn(lse) gives the derivative of the lse terms with respect to lse_i, so
@@ -145,7 +145,7 @@ def _forward_backward(ctx, grad_loss: Tensor, grad_lse: Tensor, _grad_mass):
     grad_logits = grad_target = None
     if ctx.needs_input_grad[0]:
         if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
-            grad_logits = _gradient_by_formula(logits, target, weight, ctx.options, grad_loss, lambda _: grad_lse, lse)
+            grad_logits = gradient_by_formula(logits, target, weight, ctx.options, grad_loss, lambda _: grad_lse, lse)
         else:
             grad_logits = torch.ops.fused_ce.cross_entropy_backward(
                 logits, target, weight, lse, (grad_loss * mass + grad_lse).contiguous(), grad_loss.contiguous(),
@@ -205,7 +205,7 @@ def _fused_backward(ctx, grad_objective: Tensor | None, _grad_lse, _grad_mass, _
     g = grad_objective.to(lse.dtype)
     if torch.is_grad_enabled():  # create_graph=True
         z_coef = None if z_scale is None else 2 * g * z_scale
-        grad = _gradient_by_formula(
+        grad = gradient_by_formula(
             logits, target, weight, ctx.options, g * row_scale, lambda lse_: 0 if z_coef is None else z_coef * lse_, lse
         )
         return (grad,) + no_grads

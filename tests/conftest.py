@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fused_ce
-import fused_ce.functional
+import fused_ce._checks
 
 HAS_CUDA = torch.cuda.is_available() and fused_ce.cuda_kernels_available()
 _NO_CUDA = "needs a CUDA GPU and a fused_ce build with its CUDA kernels"
@@ -47,7 +47,7 @@ def _seed(request):
 @pytest.fixture(autouse=True)
 def _restore_target_validation():
     # A test that turns CUDA target validation on must not change the others.
-    saved = fused_ce.functional._validate_targets
+    saved = fused_ce._checks.target_validation()
     yield
     fused_ce.set_target_validation(saved)
 

@@ -31,13 +31,14 @@ import torch.nn.functional as F
 
 import fused_ce
 import fused_ce.distributed as fd
+import fused_ce.distributed.merge as fd_merge
 
 POOL_SIZE = 4
 # Uneven vocabulary slices per group size; the size-1 slice makes most rows' targets
 # land elsewhere, and some slices own no target at all.
 SLICES = {1: [53], 2: [37, 64], 3: [50, 1, 80], 4: [23, 40, 7, 61]}
 REDUCTIONS = ("none", "mean", "sum")
-STRATEGIES = {"all_gather": POOL_SIZE, "all_reduce": 0}  # values of fd._ALL_GATHER_MAX_RANKS
+STRATEGIES = {"all_gather": POOL_SIZE, "all_reduce": 0}  # values of fd_merge.ALL_GATHER_MAX_RANKS
 TOLERANCES = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}
 COLLECTIVE_TIMEOUT_S = 30  # a rank that raised leaves the others waiting this long
 CASE_TIMEOUT_S = 120
@@ -253,7 +254,7 @@ def case_logits(group, rank, size, *, seed, options, batch_shape, dtypes, device
             expected = _reference(full, target, weight=weight, reduction=reduction, **options)
             (expected_grad,) = torch.autograd.grad(expected, full, upstreams[reduction])
             for strategy, threshold in STRATEGIES.items():
-                fd._ALL_GATHER_MAX_RANKS = threshold
+                fd_merge.ALL_GATHER_MAX_RANKS = threshold
                 shard = logits[..., mine].clone().requires_grad_()
                 loss = fd.vocab_parallel_cross_entropy(
                     shard, target, group=group, reduction=reduction,
@@ -265,7 +266,7 @@ def case_logits(group, rank, size, *, seed, options, batch_shape, dtypes, device
                 check.close(loss, expected, dtype, f"{what}: loss")
                 check.close(grad, expected_grad[..., mine], dtype, f"{what}: gradient")
                 losses.append(loss.detach().double().reshape(-1).cpu())
-    fd._ALL_GATHER_MAX_RANKS = STRATEGIES["all_gather"]
+    fd_merge.ALL_GATHER_MAX_RANKS = STRATEGIES["all_gather"]
     check.done()
     return torch.cat(losses)
 
@@ -308,14 +309,14 @@ def case_all_ignored(group, rank, size, *, device="cpu"):
     mine = _slice_of(size, rank)
     check = _Checks()
     for threshold in STRATEGIES.values():
-        fd._ALL_GATHER_MAX_RANKS = threshold
+        fd_merge.ALL_GATHER_MAX_RANKS = threshold
         for reduction, z_loss in (("mean", 0.0), ("mean", 1e-3), ("sum", 1e-3)):
             shard = logits64[:, mine].clone().requires_grad_()
             loss = fd.vocab_parallel_cross_entropy(shard, target, group=group, reduction=reduction, z_loss=z_loss)
             loss.backward()
             check.true(loss.isnan() if reduction == "mean" else loss == 0, f"{reduction}, z_loss={z_loss}: {loss}")
             check.true(torch.equal(shard.grad, torch.zeros_like(shard)), f"{reduction}, z_loss={z_loss}: gradient")
-    fd._ALL_GATHER_MAX_RANKS = STRATEGIES["all_gather"]
+    fd_merge.ALL_GATHER_MAX_RANKS = STRATEGIES["all_gather"]
     check.done()
     return loss.detach().reshape(-1).cpu()
 
@@ -380,7 +381,7 @@ def case_bytes_per_call(group, rank, size, *, num_rows):
     """The bytes a call communicates do not depend on V; backward communicates nothing."""
     report, check = {}, _Checks()
     for strategy, threshold in STRATEGIES.items():
-        fd._ALL_GATHER_MAX_RANKS = threshold
+        fd_merge.ALL_GATHER_MAX_RANKS = threshold
         for scale in (1, 100):  # V = 100ish and 10000ish classes in all
             sizes = [s * scale for s in SLICES[size]]
             gen = torch.Generator().manual_seed(3)
@@ -394,7 +395,7 @@ def case_bytes_per_call(group, rank, size, *, num_rows):
                     loss.backward()
                 check.true(backward_log == [], f"{strategy}: backward communicated {backward_log}")
                 report[(strategy, bool(layout), scale)] = forward_log
-    fd._ALL_GATHER_MAX_RANKS = STRATEGIES["all_gather"]
+    fd_merge.ALL_GATHER_MAX_RANKS = STRATEGIES["all_gather"]
     check.done()
     return report
 
@@ -418,7 +419,7 @@ def case_linear(group, rank, size, *, seed, options, batch_shape, hidden, dtype,
         expected = _reference(logits, target, weight=class_weight, reduction=reduction, **options)
         expected_grads = torch.autograd.grad(expected, full, upstreams[reduction])
         for strategy, threshold in STRATEGIES.items():
-            fd._ALL_GATHER_MAX_RANKS = threshold
+            fd_merge.ALL_GATHER_MAX_RANKS = threshold
             ours = [x.clone().requires_grad_(), w[mine].clone().requires_grad_()]
             if bias:
                 ours.append(b[mine].clone().requires_grad_())
@@ -440,7 +441,7 @@ def case_linear(group, rank, size, *, seed, options, batch_shape, hidden, dtype,
             if bias:
                 check.close(grads[2], expected_grads[2][mine], dtype, f"{what}: bias gradient")
             losses.append(loss.detach().double().reshape(-1).cpu())
-    fd._ALL_GATHER_MAX_RANKS = STRATEGIES["all_gather"]
+    fd_merge.ALL_GATHER_MAX_RANKS = STRATEGIES["all_gather"]
     check.done()
     return torch.cat(losses)
 
@@ -456,10 +457,14 @@ def case_linear_autocast(group, rank, size):
         xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             a, b = (xs, ws) if autocast else (xs.bfloat16(), ws.bfloat16())
-            loss = fd.vocab_parallel_linear_cross_entropy(a, b, target, group=group, chunk_size=5)
+            # Under autocast the loss is float32 (as F.cross_entropy's there); cast first,
+            # the same float32 value is asked for with loss_dtype.
+            extra = {} if autocast else dict(loss_dtype=torch.float32)
+            loss = fd.vocab_parallel_linear_cross_entropy(a, b, target, group=group, chunk_size=5, **extra)
             loss.backward()
         results.append((loss, xs.grad, ws.grad))
     check = _Checks()
+    check.true(results[0][0].dtype == torch.float32, "the loss under autocast is not float32")
     check.true(results[0][1].dtype == results[0][2].dtype == torch.float32, "the gradients are not float32")
     for what, ours, cast_first in zip(("loss", "input gradient", "weight gradient"), *results):
         check.true(torch.equal(ours, cast_first), f"{what} differs from casting to bfloat16 first")

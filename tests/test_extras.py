@@ -302,7 +302,12 @@ def test_entropy_bad_input():
     with pytest.raises(TypeError, match="logits"):
         fused_ce.entropy(torch.zeros(3, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="class"):
-        fused_ce.entropy(torch.zeros(3, 0))
+        fused_ce.entropy(torch.tensor(1.0))
+
+
+def test_entropy_without_classes_is_zero():
+    # A sum over no classes, as -xlogy(p, p).sum(-1) of an empty softmax.
+    torch.testing.assert_close(fused_ce.entropy(torch.zeros(3, 0)), torch.zeros(3))
 
 
 # ---- the new ops: opcheck and torch.compile ----

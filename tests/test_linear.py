@@ -16,18 +16,12 @@ import torch
 import torch.nn.functional as F
 
 import fused_ce
-import fused_ce.linear
-from fused_ce.linear import (
-    ALL_ROWS,
-    CHUNK_ENV,
-    Head,
-    LinearCrossEntropyLoss,
-    chunk_plan,
-    fused_objective_and_gradients,
-    linear_cross_entropy,
-    shard_gradients,
-    shard_statistics,
-)
+import fused_ce.linear.api
+import fused_ce.linear.loops
+import fused_ce.linear.plan
+from fused_ce.linear import LinearCrossEntropyLoss, chunk_plan, linear_cross_entropy
+from fused_ce.linear.loops import Head, fused_objective_and_gradients, shard_gradients, shard_statistics
+from fused_ce.linear.plan import ALL_ROWS, CHUNK_ENV
 from fused_ce.reference import cross_entropy_reference
 
 REDUCTIONS = ["none", "mean", "sum"]
@@ -321,7 +315,8 @@ def test_low_precision_logits_with_fp32_accumulation(monkeypatch, chunk_size, re
     # in fp32 (all rows, CUDA's default plan: the weight's made in bf16 once per
     # class block). This torch's CPU matmuls cannot write fp32 from bf16, so this
     # covers the fallback (bf16 products, added in fp32) an older torch takes on CUDA.
-    monkeypatch.setattr(fused_ce.linear, "compute_dtype", lambda dtype, device: dtype)
+    for module in (fused_ce.linear.plan, fused_ce.linear.loops, fused_ce.linear.api):
+        monkeypatch.setattr(module, "compute_dtype", lambda dtype, device: dtype)
     x, w, target, kwargs = make_problem("bias_zloss_softcap", (37,), 24, 131, torch.bfloat16, "cpu")
     check_against_reference(x, w, target, reduction, dict(kwargs, chunk_size=chunk_size))
 
@@ -818,16 +813,27 @@ def test_exported_from_package():
         assert fused_ce.LinearCrossEntropyLoss is LinearCrossEntropyLoss
 
 
-def test_fp32_reductions_for_the_weight_gradient(device):
-    # The all-rows plan's bf16 weight gradient is one cuBLAS matmul: its split-K parts
-    # are added in fp32 (torch's reduced-precision reduction off), and the flag is
-    # restored after; elsewhere nothing changes.
-    matmul = torch.backends.cuda.matmul
-    before = matmul.allow_bf16_reduced_precision_reduction
-    out = torch.empty(2, 2, dtype=torch.bfloat16, device=device)
-    with fused_ce.linear._fp32_reductions(out):
-        inside = matmul.allow_bf16_reduced_precision_reduction
-    assert matmul.allow_bf16_reduced_precision_reduction == before
-    assert inside == (before and device != "cuda")
-    with fused_ce.linear._fp32_reductions(out.float()):
-        assert matmul.allow_bf16_reduced_precision_reduction == before
+def test_no_process_wide_matmul_flag_is_touched(device, monkeypatch):
+    # The all-rows plan's bf16 weight gradient is summed in fp32 by an fp32-output matmul
+    # per call; flipping torch.backends.cuda.matmul's reduced-precision flags instead
+    # would change the precision of any other thread's matmuls in that window.
+    written = []
+
+    class Recorder:
+        def __init__(self, matmul):
+            object.__setattr__(self, "_matmul", matmul)
+
+        def __getattr__(self, name):
+            return getattr(self._matmul, name)
+
+        def __setattr__(self, name, value):
+            written.append(name)
+            setattr(self._matmul, name, value)
+
+    monkeypatch.setattr(torch.backends.cuda, "matmul", Recorder(torch.backends.cuda.matmul))
+    for dtype in (torch.bfloat16, torch.float32):
+        x, w, target, _ = make_problem("plain", (64,), 16, 300, dtype, device)
+        w.requires_grad_(True)
+        linear_cross_entropy(x, w, target, chunk_size=(None, 128)).backward()
+        assert w.grad is not None
+    assert written == []

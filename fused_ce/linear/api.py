@@ -1,0 +1,245 @@
+"""``linear_cross_entropy`` and ``LinearCrossEntropyLoss``: the public face of the linear path."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import _checks as checks
+from .._reduce import CountedRows, loss_dtype as _loss_dtype, nan_if_empty, reduce_losses, row_scales
+from .._rows import target_rows
+from ..functional import cross_entropy
+from ..ops import accumulate_dtype
+from .ops import forward_op, fused_op
+from .plan import chunk_plan, compute_dtype
+
+
+def _autocast_operands(input, linear_weight, linear_bias):
+    """(input, linear_weight, linear_bias), autocast applied as to F.linear.
+
+    Under torch.autocast the matmuls run in the autocast dtype, as F.linear's would
+    (the casts are ordinary, differentiable ops); otherwise everything keeps its dtype.
+    """
+    if not isinstance(input, Tensor) or not torch.is_autocast_enabled(input.device.type):
+        return input, linear_weight, linear_bias
+    dtype = torch.get_autocast_dtype(input.device.type)
+
+    def cast(t):
+        # Autocast lowers float32 only (float64 stays as it is).
+        return t.to(dtype) if isinstance(t, Tensor) and t.dtype == torch.float32 else t
+
+    return cast(input), cast(linear_weight), cast(linear_bias)
+
+
+def check_linear_operands(input, linear_weight, linear_bias) -> None:
+    """The checks of F.linear's operands, in F.linear_cross_entropy's terms (RuntimeErrors, as torch's)."""
+    checks.check_floating(input, "input")
+    checks.check_floating(linear_weight, "linear_weight")
+    if input.dim() < 1:
+        raise checks.ArgumentError("input must have a feature dimension: shape (D), (N, D) or (B, T, D), got a scalar")
+    if linear_weight.dim() != 2:
+        if linear_weight.dim() > 2:
+            raise NotImplementedError(
+                f"linear_weight must be 2-D (num_classes, in_features), got shape {tuple(linear_weight.shape)} "
+                "(the K-dimensional loss of F.linear_cross_entropy is not supported)"
+            )
+        raise checks.ArgumentError(f"linear_weight must be 2-D (num_classes, in_features), got {linear_weight.dim()}-D")
+    num_classes, in_features = linear_weight.shape
+    if input.shape[-1] != in_features:
+        raise checks.ArgumentError(
+            f"input's last dimension ({input.shape[-1]}) must equal linear_weight's in_features ({in_features})"
+        )
+    if linear_weight.dtype != input.dtype:
+        raise checks.ArgumentTypeError(f"linear_weight must have input's dtype ({input.dtype}), got {linear_weight.dtype}")
+    checks.check_same_device(linear_weight, "linear_weight", input.device)
+    if linear_bias is not None:
+        checks.check_tensor(linear_bias, "linear_bias")
+        if linear_bias.shape != (num_classes,):
+            raise checks.ArgumentError(f"linear_bias must have shape ({num_classes},), got {tuple(linear_bias.shape)}")
+        if linear_bias.dtype != input.dtype:
+            raise checks.ArgumentTypeError(f"linear_bias must have input's dtype ({input.dtype}), got {linear_bias.dtype}")
+        checks.check_same_device(linear_bias, "linear_bias", input.device)
+    checks.check_device(input.device)
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Tensor | None = None,
+    weight: Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | tuple[int | None, int] | None = None,
+    loss_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """``F.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` without the logits.
+
+    The arguments and results of ``torch.nn.functional.linear_cross_entropy`` (and of
+    :func:`fused_ce.cross_entropy` for the extra options), computed block by block of
+    logits in one reused buffer (:mod:`fused_ce.linear.plan`): the ``N x V`` logits
+    never exist.
+
+    Args:
+        input: ``(D)``, ``(N, D)`` or ``(B, T, D)`` (any leading batch shape), float32,
+            float64, float16 or bfloat16.
+        linear_weight: ``(V, D)``, the classifier (LM head) weight, input's dtype.
+        target: class indices (any integer dtype) of input's batch shape -- ``()``,
+            ``(N)``, ``(B, T)`` -- in ``[0, V)`` or ``ignore_index``; or class
+            probabilities of shape ``(*batch, V)``.
+        linear_bias: optional ``(V)`` bias, input's dtype.
+        weight: optional per-class rescaling weights ``(V)``.
+        reduction: ``'none'`` (the batch shape), ``'mean'`` (over the total weight of
+            the non-ignored targets; rows for probability targets) or ``'sum'``.
+        ignore_index: a class-index target value that adds nothing (None: -100, as
+            torch's default; probability targets take none, as in torch).
+        label_smoothing: in ``[0, 1]``, as ``F.cross_entropy``.
+        z_loss: adds ``z_loss * lse**2`` per non-ignored row (see :func:`fused_ce.cross_entropy`).
+        softcap: soft-caps the logits to ``softcap * tanh(logits / softcap)`` first.
+        chunk_size: rows per chunk (over the whole vocabulary), or a pair (rows,
+            classes) per block, rows None for all of them; None picks them from a
+            memory budget (:mod:`fused_ce.linear.plan`; environment variable
+            ``FUSED_CE_LINEAR_CHUNK_MB``).
+        loss_dtype: as :func:`fused_ce.cross_entropy`'s (default: input's dtype, float32
+            under autocast).
+
+    Returns:
+        The loss: a scalar, or input's batch shape for ``'none'``.
+
+    When a gradient is wanted and the reduction is ``'mean'`` or ``'sum'``, forward
+    computes the loss and every gradient, and backward only scales them by the
+    upstream scalar; otherwise backward makes the logits again, block by block.
+    Gradients with respect to class weights and probability targets are not supported.
+    """
+    checks.check_reduction(reduction)
+    checks.check_z_loss(z_loss)
+    cap = checks.softcap_option(softcap)
+    checks.check_label_smoothing(label_smoothing)
+    ignore_index_given = ignore_index is not None
+    ignore_index = -100 if ignore_index is None else ignore_index
+    checks.check_ignore_index(ignore_index)
+    input, linear_weight, linear_bias = _autocast_operands(input, linear_weight, linear_bias)
+    check_linear_operands(input, linear_weight, linear_bias)
+    num_classes, in_features = linear_weight.shape
+    batch_shape = input.shape[:-1]
+    checks.check_tensor(target, "target")
+    if target.device != input.device:
+        raise checks.ArgumentError(f"input and target must be on the same device, got {input.device} and {target.device}")
+    rows = target_rows(target, batch_shape=batch_shape, probs_shape=(*batch_shape, num_classes), class_dim=-1,
+                       probs_dtype=compute_dtype(input.dtype, input.device), ignore_index_given=ignore_index_given)
+    acc = accumulate_dtype(input.dtype)
+    class_weight = checks.class_weight(weight, num_classes, input.device, acc)
+    if rows.is_floating_point() and target.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError(
+            "target: gradients with respect to probability targets are not supported by linear_cross_entropy; "
+            "pass target.detach(), or use fused_ce.cross_entropy on the logits"
+        )
+    out_dtype = _loss_dtype(input.dtype, input.device.type, loss_dtype)
+    x = input.reshape(-1, in_features)
+    if num_classes == 0:  # no classes, no logits to save: F.cross_entropy's answer, on an empty matmul
+        loss = cross_entropy(F.linear(x, linear_weight, linear_bias), rows, weight, ignore_index, reduction,
+                             label_smoothing, loss_dtype=out_dtype)
+        return loss.reshape(batch_shape) if reduction == "none" else loss
+    if not rows.is_floating_point():
+        checks.validate_targets_if_asked(rows, num_classes, ignore_index)
+    counted = CountedRows.of_targets(rows, x.shape[0], class_weight, ignore_index)
+
+    grad_on = torch.is_grad_enabled()
+    needs = (
+        grad_on and input.requires_grad,
+        grad_on and linear_weight.requires_grad,
+        grad_on and linear_bias is not None and linear_bias.requires_grad,
+    )
+    plan = chunk_plan(num_classes, input.dtype, input.device, chunk_size, weight_grad=needs[1])
+    args = (x, linear_weight, linear_bias, rows, class_weight)
+    options = (ignore_index, label_smoothing * 1.0, cap, *plan)
+    if any(needs) and reduction != "none":
+        row_scale, z_scale = row_scales(counted, x.shape[0], reduction, z_loss, input.device, acc)
+        objective, *_ = fused_op(*args, row_scale, z_scale, *options, *needs)
+        if reduction == "mean":
+            objective = nan_if_empty(objective, counted.denominator)
+        return objective.to(out_dtype)
+    loss, lse, _mass = forward_op(*args, *options)
+    return reduce_losses(loss, lse, counted, reduction, z_loss, batch_shape, out_dtype)
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """Drop-in for :class:`torch.nn.LinearCrossEntropyLoss`, backed by :func:`linear_cross_entropy`.
+
+    Like torch's, the module owns the classifier: ``self.linear``, a
+    :class:`torch.nn.Linear` ``(in_features -> num_classes)``, and ``forward(input,
+    target)`` returns the loss of ``self.linear(input)``. The class ``weight`` is a
+    buffer. As torch's, it refuses a ``weight`` of the wrong shape and a
+    ``label_smoothing`` outside ``[0, 1]`` at construction. ``z_loss``, ``softcap``,
+    ``chunk_size`` and ``loss_dtype`` are fused_ce's extras (also checked at
+    construction); ``out_features`` (torch's K-dimensional loss) must be ``()``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        out_features: tuple[int, ...] = (),
+        bias: bool = False,
+        device=None,
+        dtype=None,
+        reduction: str = "mean",
+        weight: Tensor | None = None,
+        ignore_index: int | None = None,
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        chunk_size: int | tuple[int | None, int] | None = None,
+        loss_dtype: torch.dtype | None = None,
+    ) -> None:
+        if weight is not None and tuple(weight.shape) != (num_classes,):
+            raise checks.ArgumentError(f"weight must have shape ({num_classes},), got {tuple(weight.shape)}")
+        checks.check_label_smoothing(label_smoothing)
+        checks.check_z_loss(z_loss)
+        checks.softcap_option(softcap)
+        if chunk_size is not None:
+            chunk_plan(num_classes, torch.float32, torch.device("cpu"), chunk_size)
+        if tuple(out_features) != ():
+            raise NotImplementedError("out_features (the K-dimensional loss) is not supported; it must be ()")
+        super().__init__()
+        self.linear = nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+        self.register_buffer("weight", weight)
+        self.num_classes = num_classes
+        self.out_features = ()
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.chunk_size = chunk_size
+        self.loss_dtype = loss_dtype
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return linear_cross_entropy(
+            input,
+            self.linear.weight,
+            target,
+            linear_bias=self.linear.bias,
+            weight=self.weight,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+            chunk_size=self.chunk_size,
+            loss_dtype=self.loss_dtype,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+            f"bias={self.linear.bias is not None}, reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
+            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}, "
+            f"chunk_size={self.chunk_size}"
+        )
