@@ -10,6 +10,8 @@ nothing of size ``N x V``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -60,7 +62,9 @@ def check_inplace(input: Tensor) -> None:
 def _may_overlap(t: Tensor) -> bool:
     """Whether two elements of t may share memory: its strides, smallest first, must each pass
     the farthest offset the smaller dimensions reach (a contiguous or padded layout does; an
-    expand, stride 0, or overlapping unfold() rows do not)."""
+    expand, stride 0, or overlapping unfold() rows do not). An empty tensor has nothing to share."""
+    if t.numel() == 0:
+        return False
     reach = 0
     for stride, size in sorted((abs(st), n) for st, n in zip(t.stride(), t.shape) if n > 1):
         if stride <= reach:
@@ -71,7 +75,8 @@ def _may_overlap(t: Tensor) -> bool:
 
 def _rows_view(t: Tensor, class_dim: int) -> Tensor:
     """The rows [N, C] of t as _rows.as_rows makes them; a view when as_rows made one."""
-    return t.movedim(class_dim, -1).reshape(-1, t.shape[class_dim])
+    moved = t.movedim(class_dim, -1)
+    return moved.reshape(math.prod(moved.shape[:-1]), moved.shape[-1])
 
 
 def _fused_inplace(buffer: Tensor, class_dim: int, args) -> Tensor:

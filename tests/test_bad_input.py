@@ -377,3 +377,106 @@ def test_threads_per_row_override(cuda_device, monkeypatch):
     monkeypatch.setenv("FUSED_CE_CUDA_THREADS_PER_ROW", "7")
     with pytest.raises(RuntimeError, match="FUSED_CE_CUDA_THREADS_PER_ROW must be 32, 256, 512 or 1024"):
         fused_ce.cross_entropy(x, target)
+
+
+# -- the same refusals as PyTorch, with exceptions its callers already catch ---------------------
+#
+# Each case is run through PyTorch's function and fused_ce's. Where PyTorch raises, fused_ce
+# must raise too, an instance of PyTorch's exception class (a NotImplementedError that
+# PyTorch's kernels raise for a dtype they lack counts as the RuntimeError it derives from),
+# so that `except RuntimeError` / `except ValueError` written for PyTorch still works.
+
+_L = torch.long
+
+
+def _expected_class(error: BaseException) -> type:
+    return RuntimeError if type(error) is NotImplementedError else type(error)
+
+
+_CROSS_ENTROPY_REFUSED = {
+    "probs_with_ignore_index": lambda: ((torch.randn(3, 5), torch.rand(3, 5)), dict(ignore_index=3)),
+    "label_smoothing_above_one": lambda: ((torch.randn(3, 5), torch.zeros(3, dtype=_L)), dict(label_smoothing=2.0)),
+    "bad_reduction": lambda: ((torch.randn(3, 5), torch.zeros(3, dtype=_L)), dict(reduction="avg")),
+    "reduction_none_object": lambda: ((torch.randn(3, 5), torch.zeros(3, dtype=_L)), dict(reduction=None)),
+    "target_batch": lambda: ((torch.randn(3, 5), torch.zeros(4, dtype=_L)), {}),
+    "probs_shape": lambda: ((torch.randn(3, 5), torch.rand(3, 4)), {}),
+    "weight_shape": lambda: ((torch.randn(3, 5), torch.zeros(3, dtype=_L)), dict(weight=torch.ones(4))),
+    "weight_2d": lambda: ((torch.randn(3, 5), torch.zeros(3, dtype=_L)), dict(weight=torch.ones(1, 5))),
+    "weight_integer": lambda: ((torch.randn(3, 5), torch.zeros(3, dtype=_L)), dict(weight=torch.ones(5, dtype=_L))),
+    "weight_requires_grad": lambda: (
+        (torch.randn(3, 5), torch.zeros(3, dtype=_L)), dict(weight=torch.ones(5, requires_grad=True))),
+    "integer_logits": lambda: ((torch.ones(3, 5, dtype=_L), torch.zeros(3, dtype=_L)), {}),
+    "bool_target": lambda: ((torch.randn(3, 5), torch.zeros(3, dtype=torch.bool)), {}),
+    "scalar_input": lambda: ((torch.tensor(1.0), torch.tensor(0)), {}),
+    "unbatched_target_of_two": lambda: ((torch.randn(5), torch.tensor([1, 2])), {}),
+    "target_out_of_range": lambda: ((torch.randn(3, 5), torch.tensor([0, 5, 1])), {}),
+    "target_negative": lambda: ((torch.randn(3, 5), torch.tensor([0, -1, 1])), {}),
+    "no_classes_counted_row": lambda: ((torch.randn(4, 0), torch.zeros(4, dtype=_L)), {}),
+    "ignore_index_float": lambda: ((torch.randn(3, 5), torch.zeros(3, dtype=_L)), dict(ignore_index=1.5)),
+    "target_list": lambda: ((torch.randn(3, 5), [0, 1, 2]), {}),
+}
+
+
+@pytest.mark.parametrize("case", list(_CROSS_ENTROPY_REFUSED))
+def test_cross_entropy_refuses_what_pytorch_refuses(case):
+    args, kwargs = _CROSS_ENTROPY_REFUSED[case]()
+    with pytest.raises(Exception) as torch_error:
+        F.cross_entropy(*args, **kwargs)
+    with pytest.raises(_expected_class(torch_error.value)):
+        fused_ce.cross_entropy(*args, **kwargs)
+    with pytest.raises(_expected_class(torch_error.value)):  # the module: at its first call, as torch's
+        fused_ce.CrossEntropyLoss(**kwargs)(*args)
+
+
+_LINEAR_REFUSED = {
+    "probs_with_ignore_index": lambda: (
+        (torch.randn(3, 4), torch.randn(5, 4), torch.rand(3, 5)), dict(ignore_index=-100)),
+    "label_smoothing_above_one": lambda: (
+        (torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=_L)), dict(label_smoothing=2.0)),
+    "bad_reduction": lambda: ((torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=_L)), dict(reduction="x")),
+    "bias_shape": lambda: (
+        (torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=_L)), dict(linear_bias=torch.zeros(4))),
+    "in_features": lambda: ((torch.randn(3, 4), torch.randn(5, 3), torch.zeros(3, dtype=_L)), {}),
+    "weight_1d": lambda: ((torch.randn(3, 4), torch.randn(4), torch.zeros(3, dtype=_L)), {}),
+    "dtype_mismatch": lambda: ((torch.randn(3, 4), torch.randn(5, 4).double(), torch.zeros(3, dtype=_L)), {}),
+    "no_classes_counted_row": lambda: ((torch.randn(3, 4), torch.randn(0, 4), torch.zeros(3, dtype=_L)), {}),
+    "target_out_of_range": lambda: ((torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 5, 1])), {}),
+}
+
+
+@pytest.mark.parametrize("case", list(_LINEAR_REFUSED))
+def test_linear_cross_entropy_refuses_what_pytorch_refuses(case):
+    args, kwargs = _LINEAR_REFUSED[case]()
+    with pytest.raises(Exception) as torch_error:
+        F.linear_cross_entropy(*args, **kwargs)
+    with pytest.raises(_expected_class(torch_error.value)):
+        fused_ce.linear_cross_entropy(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(label_smoothing=2.0), dict(label_smoothing=-1.0), dict(weight=torch.ones(4)), dict(reduction="avg")],
+    ids=["label_smoothing_high", "label_smoothing_low", "weight_shape", "reduction"],
+)
+def test_linear_module_refuses_at_the_moment_pytorch_does(kwargs):
+    # torch.nn.LinearCrossEntropyLoss checks weight and label_smoothing at construction,
+    # the rest at the first call.
+    x, target = torch.randn(3, 4), torch.zeros(3, dtype=_L)
+    try:
+        torch_module = torch.nn.LinearCrossEntropyLoss(4, 5, **kwargs)
+    except Exception as error:  # refused at construction
+        with pytest.raises(_expected_class(error)):
+            fused_ce.LinearCrossEntropyLoss(4, 5, **kwargs)
+        return
+    with pytest.raises(Exception) as torch_error:
+        torch_module(x, target)
+    ours = fused_ce.LinearCrossEntropyLoss(4, 5, **kwargs)  # accepted at construction, as torch's
+    with pytest.raises(_expected_class(torch_error.value)):
+        ours(x, target)
+
+
+def test_error_classes_are_both_kinds():
+    # Documented: code catching PyTorch's RuntimeError, or the ValueError/TypeError a
+    # Python API raises, catches fused_ce's.
+    assert issubclass(fused_ce.ArgumentError, ValueError) and issubclass(fused_ce.ArgumentError, RuntimeError)
+    assert issubclass(fused_ce.ArgumentTypeError, TypeError) and issubclass(fused_ce.ArgumentTypeError, RuntimeError)

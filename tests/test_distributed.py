@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
 import queue
 import tempfile
@@ -465,11 +466,49 @@ def case_linear_autocast(group, rank, size):
         results.append((loss, xs.grad, ws.grad))
     check = _Checks()
     check.true(results[0][0].dtype == torch.float32, "the loss under autocast is not float32")
+    logits = torch.randn(12, SLICES[size][rank], generator=gen).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = fd.vocab_parallel_cross_entropy(logits, target, group=group)
+    check.true(plain.dtype == torch.float32, "the logits' loss under autocast is not float32")
+    check.true(torch.equal(plain, fd.vocab_parallel_cross_entropy(logits, target, group=group,
+                                                                  loss_dtype=torch.float32)),
+               "the logits' loss under autocast differs from loss_dtype=float32")
     check.true(results[0][1].dtype == results[0][2].dtype == torch.float32, "the gradients are not float32")
     for what, ours, cast_first in zip(("loss", "input gradient", "weight gradient"), *results):
         check.true(torch.equal(ours, cast_first), f"{what} differs from casting to bfloat16 first")
     check.done()
     return results[0][0].detach().reshape(-1)
+
+
+def case_empty_inputs(group, rank, size):
+    """No rows, in any layout (a sliced or transposed empty view): PyTorch's empty/zero/NaN results, empty gradients."""
+    check = _Checks()
+    vocab = sum(SLICES[size])
+    mine = _slice_of(size, rank)
+    layouts = {
+        "rows": torch.randn(0, vocab)[:, mine],
+        "transposed": torch.randn(vocab, 0).t()[:, mine],
+        "positions": torch.randn(2, 0, vocab)[..., mine],
+    }
+    for name, shard in layouts.items():
+        target = torch.zeros(shard.shape[:-1], dtype=torch.long)
+        for reduction in ("none", "mean", "sum"):
+            x = shard.detach().requires_grad_(True)
+            loss = fd.vocab_parallel_cross_entropy(x, target, group=group, reduction=reduction,
+                                                   vocab_sizes=SLICES[size])
+            want = F.cross_entropy(torch.zeros(0, vocab), torch.zeros(0, dtype=torch.long), reduction=reduction)
+            check.true(loss.shape == (target.shape if reduction == "none" else ()), f"{name} {reduction}: shape")
+            check.close(loss.reshape(-1)[:1], want.reshape(-1)[:1], torch.float32, f"{name} {reduction}")
+            loss.sum().backward()
+            check.true(x.grad.shape == x.shape, f"{name} {reduction}: gradient shape")
+        h = torch.randn(*shard.shape[:-1], 6, requires_grad=True)
+        w = torch.randn(SLICES[size][rank], 6, requires_grad=True)
+        loss = fd.vocab_parallel_linear_cross_entropy(h, w, target, group=group, vocab_sizes=SLICES[size])
+        loss.backward()
+        check.true(math.isnan(loss.item()) and h.grad.shape == h.shape and bool((w.grad == 0).all()),
+                   f"{name}: linear")
+    check.done()
+    return torch.zeros(1)
 
 
 def case_linear_bytes(group, rank, size):
@@ -601,6 +640,11 @@ def test_linear_matches_full_logits(pool, size, option, bias, chunk_size, reduce
         reduce_input_grad=reduce_input_grad, device=device,
     )
     _same_on_every_rank(losses)
+
+
+@pytest.mark.parametrize("size", [1, 3])
+def test_empty_inputs(pool, size):
+    pool.run("case_empty_inputs", size)
 
 
 @pytest.mark.parametrize("size", [2, 4])

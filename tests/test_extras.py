@@ -220,8 +220,8 @@ def test_bad_softcap(softcap):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("alpha", [None, 0.25, "per_class"])
-@pytest.mark.parametrize("gamma", [0.0, 1.5, 2.0])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("gamma", [0.0, 0.25, 0.5, 1.5, 2.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 def test_focal_loss_matches_reference(device, dtype, gamma, alpha, reduction):
     logits, target, _ = _problem(31, 57, dtype, device, ignore=True)
     if alpha == "per_class":
@@ -234,6 +234,33 @@ def test_focal_loss_matches_reference(device, dtype, gamma, alpha, reduction):
     )
     torch.testing.assert_close(got_loss.double(), want_loss, **_tolerance(dtype))
     torch.testing.assert_close(got_grad.double(), want_grad, **_tolerance(dtype))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("alpha", [None, 0.25, "per_class"])
+@pytest.mark.parametrize("gamma", [0.25, 0.5, 0.9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_focal_loss_fractional_gamma_gradient_is_finite_where_p_t_is_one(device, dtype, gamma, alpha, reduction):
+    # (1 - p_t)**gamma has an infinite derivative at p_t = 1 for gamma < 1, where the
+    # focal loss itself is flat: an ignored row (loss 0) or a saturated one must get
+    # the true gradient, 0, not 0 * inf = NaN over the whole row.
+    logits, target, _ = _problem(12, 40, torch.float64, device, ignore=True)
+    saturated = torch.arange(1, 12, 3, device=device)
+    logits[saturated] = -1e4
+    logits[saturated, target[saturated]] = 1e4  # p_t == 1 exactly, loss == 0
+    logits = logits.to(dtype)
+    alpha = torch.rand(40, device=device) if alpha == "per_class" else alpha
+    loss, grad = _loss_and_grad(fused_ce.focal_loss, logits, target, reduction, dict(gamma=gamma, alpha=alpha))
+    assert bool(torch.isfinite(grad).all()) and bool(torch.isfinite(loss).all())
+    flat = target == -100
+    flat[saturated] = True
+    assert bool((grad[flat] == 0).all())
+    # Elsewhere the float64 reference holds (its pow is finite there).
+    upstream_rows = ~flat
+    want_loss, want_grad = _loss_and_grad(
+        focal_loss_reference, logits.double(), target, reduction, dict(gamma=gamma, alpha=alpha)
+    )
+    torch.testing.assert_close(grad[upstream_rows].double(), want_grad[upstream_rows], **_tolerance(dtype))
 
 
 def test_focal_loss_with_gamma_zero_is_cross_entropy(device):

@@ -449,3 +449,57 @@ def test_fused_path_backward_twice_does_not_trip_on_its_own_buffer(device):
     (first,) = torch.autograd.grad(loss, x, torch.tensor(0.5, device=device), retain_graph=True)
     (second,) = torch.autograd.grad(loss, x, torch.tensor(0.5, device=device))
     torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+# -- torch.compile with float options that change between calls --------------------------
+
+_FLOAT_OPTIONS = {
+    "z_loss": (1e-4, 2e-4, 3e-4),
+    "softcap": (20.0, 25.0, 30.0),
+    "label_smoothing": (0.05, 0.1, 0.2),
+}
+
+
+def _float_option_call(function, x, w, target, option, value):
+    if function == "cross_entropy":
+        return fused_ce.cross_entropy(x @ w.T, target, **{option: value})
+    if function == "linear_cross_entropy":
+        return fused_ce.linear_cross_entropy(x, w, target, **{option: value})
+    return fused_ce.focal_loss(x @ w.T, target, gamma=value * 10)  # gamma: the focal loss's float option
+
+
+@pytest.mark.parametrize("option", list(_FLOAT_OPTIONS))
+@pytest.mark.parametrize("function", ["cross_entropy", "linear_cross_entropy", "focal_loss"])
+def test_compile_fullgraph_with_a_float_option_that_changes(device, function, option):
+    # The second value makes dynamo trace the float as a symbol: checking it must not
+    # break the graph (math.isfinite on a symbolic float does), and the results must
+    # follow the value rather than a specialised constant.
+    if function == "focal_loss" and option != "z_loss":
+        pytest.skip("the focal loss has one float option, gamma")
+    torch._dynamo.reset()
+    x = torch.randn(12, 8, device=device, requires_grad=True)
+    w = torch.randn(30, 8, device=device, requires_grad=True)
+    target = torch.randint(0, 30, (12,), device=device)
+    target[::5] = IGNORE
+    compiled = torch.compile(_float_option_call, fullgraph=True, backend="aot_eager", dynamic=None)
+    for value in _FLOAT_OPTIONS[option]:
+        got = compiled(function, x, w, target, option, value)
+        (got_grad,) = torch.autograd.grad(got, x)
+        want = _float_option_call(function, x, w, target, option, value)
+        (want_grad,) = torch.autograd.grad(want, x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
+def test_compile_fullgraph_refuses_a_bad_float_option():
+    # A value the checks refuse still raises (no silent wrong number), also once the
+    # option is symbolic.
+    torch._dynamo.reset()
+    compiled = torch.compile(fused_ce.cross_entropy, fullgraph=True, backend="aot_eager")
+    x, target = torch.randn(4, 6), torch.randint(0, 6, (4,))
+    for value in (1e-4, 2e-4):
+        compiled(x, target, z_loss=value)
+    with pytest.raises(RuntimeError, match="z_loss|[Oo]bserved exception"):
+        compiled(x, target, z_loss=-1.0)
+    torch._dynamo.reset()

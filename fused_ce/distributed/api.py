@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -301,7 +302,7 @@ def vocab_parallel_linear_cross_entropy(
     plan = make_plan(local_size, group, input.device, vocab_sizes, vocab_start, vocab_total, ignore_index,
                       label_smoothing, cap)
 
-    x = input.reshape(-1, hidden)
+    x = input.reshape(math.prod(batch_shape), hidden)
     chunk = chunk_plan(local_size, input.dtype, input.device, chunk_size,
                        weight_grad=torch.is_grad_enabled() and weight_shard.requires_grad)
     loss, lse, denominator = _VocabParallelLinearRows.apply(

@@ -73,7 +73,6 @@ by :func:`apply`, not when this module is imported.
 from __future__ import annotations
 
 import ast
-import contextlib
 import dataclasses
 import inspect
 import textwrap
@@ -430,30 +429,16 @@ def fused_causal_lm_loss(
         x = x * scale
         bias = None if bias is None else bias * scale
     reduction = "sum" if num_items_in_batch is not None else "mean"
-    with _float32_loss(x):
-        loss = linear_cross_entropy(
-            x, lm_head_weight, target, linear_bias=bias, reduction=reduction, ignore_index=ignore_index,
-            softcap=softcap,
-        )
+    # float32 whatever the model's dtype, as transformers' loss (which upcasts the logits).
+    loss = linear_cross_entropy(
+        x, lm_head_weight, target, linear_bias=bias, reduction=reduction, ignore_index=ignore_index,
+        softcap=softcap, loss_dtype=torch.float32,
+    )
     if reduction == "sum":
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
         loss = loss / num_items_in_batch
     return loss
-
-
-def _float32_loss(x: Tensor):
-    """A context in which linear_cross_entropy returns a float32 loss for fp16/bf16 operands.
-
-    It returns the loss in the input's dtype except under autocast (float32, as
-    autocast runs F.cross_entropy); autocast at the operands' own dtype changes no
-    operand (it only lowers float32 ones) and keeps the loss at float32, as
-    transformers' loss is. A rounding of the sum to bf16 would cost ~3 digits.
-    """
-    low = x.dtype in (torch.float16, torch.bfloat16)
-    if not low or torch.is_autocast_enabled(x.device.type):
-        return contextlib.nullcontext()
-    return torch.autocast(x.device.type, dtype=x.dtype)
 
 
 # --------------------------------------------------------------------------- public API

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -140,7 +142,7 @@ def linear_cross_entropy(
             "pass target.detach(), or use fused_ce.cross_entropy on the logits"
         )
     out_dtype = _loss_dtype(input.dtype, input.device.type, loss_dtype)
-    x = input.reshape(-1, in_features)
+    x = input.reshape(math.prod(batch_shape), in_features)
     if num_classes == 0:  # no classes, no logits to save: F.cross_entropy's answer, on an empty matmul
         loss = cross_entropy(F.linear(x, linear_weight, linear_bias), rows, weight, ignore_index, reduction,
                              label_smoothing, loss_dtype=out_dtype)
