@@ -159,7 +159,7 @@ def problems(draw, dtypes=(torch.float32, torch.float64), extras=True, paths=Non
         shape = (n, num_classes)
     else:
         num_classes = min(num_classes, 64)
-        extra = draw(st.lists(st.integers(1, 4), min_size=1, max_size=2))
+        extra = draw(st.lists(st.integers(0, 4), min_size=1, max_size=2))  # 0: an empty position dimension
         shape = (draw(st.integers(0, 3)), num_classes, *extra)
     layout = draw(st.sampled_from(_layouts(shape)))
 
