@@ -20,13 +20,15 @@ Environment variables:
 * ``MAX_JOBS``: parallel compile jobs (ninja).
 """
 
+import contextlib
 import glob
 import os
+import pathlib
 import platform
 import shutil
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -138,9 +140,8 @@ class BuildWithCpuIsas(BuildExtension):
             os.makedirs(src_dir, exist_ok=True)
             src = os.path.join(src_dir, f"kernels_{isa.lower()}.cpp")
             text = f'#include "{os.path.join(ROOT, "csrc", "cpu", "kernels.cpp")}"\n'
-            if not os.path.exists(src) or open(src).read() != text:
-                with open(src, "w") as f:
-                    f.write(text)
+            if not os.path.exists(src) or pathlib.Path(src).read_text() != text:
+                pathlib.Path(src).write_text(text)
             objects = self.compiler.compile(
                 [src],
                 output_dir=out_dir,
@@ -203,28 +204,17 @@ def default_arch_list():
     if os.environ.get("TORCH_CUDA_ARCH_LIST"):
         return
     visible = False
-    try:
+    with contextlib.suppress(Exception):  # no driver: the same as no GPU
         visible = torch.cuda.is_available()
-    except Exception:  # noqa: BLE001 -- no driver: same as no GPU
-        pass
     if not visible:
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
 
 
 default_arch_list()
 
+# Metadata, dependencies and the version live in pyproject.toml; this file only
+# describes the extension, whose flags depend on the toolchain found.
 setup(
-    name="fused_ce",
-    version="0.1.0",
-    description="Fused cross-entropy kernels (CPU + CUDA) for large-vocabulary training in PyTorch",
-    packages=find_packages(include=["fused_ce", "fused_ce.*"]),
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildWithCpuIsas.with_options(no_python_abi_suffix=True)},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
-    extras_require={
-        "test": ["pytest", "hypothesis"],
-        "plot": ["matplotlib"],  # fused_ce.analyze --plot, fused_ce.bench --plot, the example
-        "hf": ["transformers"],  # fused_ce.integrations.transformers
-    },
 )

@@ -8,7 +8,7 @@ for backward, and writes the gradient in one pass.
 import torch  # loads libtorch, which fused_ce._C links against
 
 try:
-    from . import _C  # loading the library registers the ops
+    from . import _C  # noqa: F401 -- loading the library registers the ops
 except ImportError as e:  # pragma: no cover - depends on the build
     raise ImportError(
         "fused_ce's compiled extension fused_ce._C could not be loaded "

@@ -107,6 +107,11 @@ def check_device(device: torch.device) -> None:
         raise NotImplementedError(f"fused_ce runs on CPU and CUDA tensors, got a tensor on {device}")
 
 
+def check_target_device(target: Tensor, device: torch.device, input_name: str = "input") -> None:
+    if target.device != device:
+        raise ArgumentError(f"{input_name} and target must be on the same device, got {device} and {target.device}")
+
+
 def check_same_device(tensor: Tensor, name: str, device: torch.device, other: str = "input") -> None:
     if tensor.device != device:
         raise ArgumentError(f"{name} must be on {other}'s device ({device}), got {tensor.device}")

@@ -5,7 +5,7 @@ number of rows for probability targets -- and is NaN when that is 0, as in PyTor
 with a zero gradient. The z-loss term ``z_loss * lse**2`` is added per counted row,
 and under 'mean' averaged over the counted rows, unweighted.
 
-The dtype of a loss (:func:`loss_dtype`) follows one rule for every function: the
+The dtype of a loss (:func:`result_dtype`) follows one rule for every function: the
 input's dtype, as ``F.cross_entropy`` returns -- but float32 for float16/bfloat16
 inputs under ``torch.autocast``, as autocast runs ``F.cross_entropy`` -- unless the
 caller asks for a dtype (``loss_dtype=``).
@@ -23,7 +23,7 @@ from ._checks import ArgumentTypeError
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def loss_dtype(input_dtype: torch.dtype, device_type: str, requested: torch.dtype | None = None) -> torch.dtype:
+def result_dtype(input_dtype: torch.dtype, device_type: str, requested: torch.dtype | None = None) -> torch.dtype:
     """The dtype of a loss computed from logits of ``input_dtype`` (see the module docstring)."""
     if requested is not None:
         if not isinstance(requested, torch.dtype) or not requested.is_floating_point:
@@ -109,7 +109,9 @@ def reduce_losses(loss: Tensor, lse: Tensor, counted: CountedRows, reduction: st
     return total.to(dtype)
 
 
-def row_scales(counted: CountedRows, num_rows: int, reduction: str, z_loss, device, dtype) -> tuple[Tensor, Tensor | None]:
+def row_scales(
+    counted: CountedRows, num_rows: int, reduction: str, z_loss, device, dtype
+) -> tuple[Tensor, Tensor | None]:
     """row_scale and z_scale [N] of the fused objective ``row_scale * loss + z_scale * lse**2``,
     whose sum is the reduced loss (the training path)."""
     mask = counted.mask(num_rows, device, dtype)

@@ -51,7 +51,8 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import _checks as checks
-from ._reduce import CountedRows, loss_dtype as _loss_dtype, nan_if_empty, reduce_losses, safe_inverse
+from ._reduce import CountedRows, nan_if_empty, reduce_losses, result_dtype, safe_inverse
 from ._rows import as_rows, target_rows
 from ._training import check_inplace, fused_loss
 from .ops import accumulate_dtype
@@ -35,8 +35,7 @@ def _class_layout(input: Tensor) -> tuple[int, torch.Size]:
 def _check_inputs(input, target) -> None:
     checks.check_floating(input, "input", " (the logits)")
     checks.check_tensor(target, "target")
-    if input.device != target.device:
-        raise checks.ArgumentError(f"input and target must be on the same device, got {input.device} and {target.device}")
+    checks.check_target_device(target, input.device)
     checks.check_device(input.device)
 
 
@@ -146,7 +145,7 @@ def cross_entropy(
     if not rows.is_floating_point():
         checks.validate_targets_if_asked(rows, num_classes, ignore_index)
     counted = CountedRows.of_targets(rows, logits.shape[0], weight, ignore_index)
-    out_dtype = _loss_dtype(input.dtype, input.device.type, loss_dtype)
+    out_dtype = result_dtype(input.dtype, input.device.type, loss_dtype)
     options = (ignore_index, label_smoothing * 1.0, cap)
 
     if num_classes == 0:
@@ -260,7 +259,9 @@ def focal_loss(
     if alpha is not None:
         if isinstance(alpha, Tensor):
             if alpha.shape != (num_classes,):
-                raise checks.ArgumentError(f"alpha must be a float or have shape ({num_classes},), got {tuple(alpha.shape)}")
+                raise checks.ArgumentError(
+                    f"alpha must be a float or have shape ({num_classes},), got {tuple(alpha.shape)}"
+                )
             checks.check_same_device(alpha, "alpha", input.device)
             # Clamped: an out-of-range class (a NaN row on CUDA) must not index out of bounds.
             index = torch.where(valid, target, 0).long().clamp(0, max(num_classes - 1, 0))
@@ -272,7 +273,7 @@ def focal_loss(
             raise checks.ArgumentTypeError(f"alpha must be None, a finite float or a tensor, got {alpha!r}")
         focal = focal * alpha_t
     focal = torch.where(valid, focal, 0.0)  # ignored rows: 0, also where alpha_t would not be
-    out_dtype = _loss_dtype(input.dtype, input.device.type, loss_dtype)
+    out_dtype = result_dtype(input.dtype, input.device.type, loss_dtype)
     if reduction == "none":
         return focal.to(out_dtype)
     total = focal.sum()

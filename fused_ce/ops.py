@@ -224,7 +224,9 @@ def _fused_backward(ctx, grad_objective: Tensor | None, _grad_lse, _grad_mass, _
         # their gradient already and are not touched (decided on the device); the
         # others are recomputed from the logits with the upstream folded in, so the
         # result is rounded once, as in the two-pass path.
-        torch.ops.fused_ce.cross_entropy_backward_into_(grad, logits, target, weight, lse, p_coef, t_coef, g, *ctx.options)
+        torch.ops.fused_ce.cross_entropy_backward_into_(
+            grad, logits, target, weight, lse, p_coef, t_coef, g, *ctx.options
+        )
     return (grad,) + no_grads
 
 

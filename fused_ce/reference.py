@@ -37,7 +37,7 @@ from torch import Tensor
 
 
 def cross_entropy_reference(
-    input: Tensor,  # noqa: A002 - F.cross_entropy's name
+    input: Tensor,
     target: Tensor,
     weight: Tensor | None = None,
     ignore_index: int = -100,
@@ -113,6 +113,36 @@ def _reduce(loss, z_terms, reduction, target, w, safe_y, valid):
     return ce + z_total / count
 
 
+def torch_cross_entropy(
+    input: Tensor, target: Tensor, *, softcap: float | None = None, z_loss: float = 0.0, **kwargs
+) -> Tensor:
+    """fused_ce's loss as a PyTorch user composes it from torch ops, at the input's dtype.
+
+    ``F.cross_entropy(softcap * tanh(input / softcap), target, **kwargs)`` plus
+    ``z_loss * lse**2`` per counted row (under ``'mean'`` averaged over those rows):
+    the baseline fused_ce's options are compared with in tests and benchmarks. The
+    layouts are ``F.cross_entropy``'s (classes in dimension 1).
+    """
+    z = softcap * torch.tanh(input / softcap) if softcap is not None else input
+    if not target.is_floating_point():
+        target = target.long()  # F.cross_entropy takes int64 (or uint8) class indices only
+    loss = torch.nn.functional.cross_entropy(z, target, **kwargs)
+    if not z_loss:
+        return loss
+    lse = torch.logsumexp(z, dim=0 if z.dim() == 1 else 1)
+    if target.is_floating_point():
+        valid = torch.ones_like(lse)
+    else:
+        valid = (target != kwargs.get("ignore_index", -100)).to(lse.dtype)
+    z_rows = z_loss * torch.where(valid > 0, lse, 0.0).square()
+    reduction = kwargs.get("reduction", "mean")
+    if reduction == "none":
+        return loss + z_rows
+    if reduction == "sum":
+        return loss + z_rows.sum()
+    return loss + z_rows.sum() / valid.sum().clamp(min=1)
+
+
 def entropy_reference(logits: Tensor) -> Tensor:
     """``-sum_c p_c log p_c`` of ``softmax(logits)`` over the last dimension, in float64 (0 log 0 = 0)."""
     p = torch.softmax(logits.to(torch.float64), dim=-1)
@@ -136,4 +166,4 @@ def focal_loss_reference(input, target, gamma=2.0, alpha=None, ignore_index=-100
     return loss.sum() if reduction == "sum" else loss.sum() / valid.sum()
 
 
-__all__ = ["cross_entropy_reference", "entropy_reference", "focal_loss_reference"]
+__all__ = ["cross_entropy_reference", "entropy_reference", "focal_loss_reference", "torch_cross_entropy"]

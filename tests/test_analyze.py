@@ -4,6 +4,7 @@ it states, the printed report, and the ``--plot`` PNG."""
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import math
 
 import pytest
@@ -23,7 +24,7 @@ def test_loss_curve_is_minus_log_p_at_20_points():
     assert len(rows) == 20
     assert rows[0].p == pytest.approx(0.01) and rows[-1].p == pytest.approx(0.99)
     assert f"{rows[0].loss:.4f}" == "4.6052" and f"{rows[-1].loss:.4f}" == "0.0101"
-    steps = [b.p - a.p for a, b in zip(rows, rows[1:])]
+    steps = [b.p - a.p for a, b in itertools.pairwise(rows)]
     assert steps == pytest.approx([0.98 / 19] * 19)
     for r in rows:
         assert r.reference == -math.log(r.p)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from utils import dtype_id, max_error
 
 import fused_ce
 from fused_ce.reference import cross_entropy_reference
@@ -42,8 +43,6 @@ OPTIONS = {
 }
 
 
-def _dtype_id(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def make_problem(option: str, shape, dtype=torch.float32, device="cpu", target_dtype=torch.int64):
@@ -90,13 +89,6 @@ def reference_loss_and_grad(x, target, upstream, reduction, kwargs):
     kwargs64 = {k: _to64(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     return loss_and_grad(cross_entropy_reference, _to64(x), _to64(target), _to64(upstream), reduction, kwargs64)
 
-
-def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """Largest |actual - expected| where expected is not NaN (0 for empty tensors)."""
-    finite = ~expected.isnan()
-    if not bool(finite.any()):
-        return 0.0
-    return float((actual.to(torch.float64) - expected)[finite].abs().max())
 
 
 def assert_nan_pattern(actual, expected, what):
@@ -177,7 +169,7 @@ def test_reference_matches_torch_in_float64(shape, option, reduction):
 @pytest.mark.parametrize("option", list(OPTIONS))
 @pytest.mark.parametrize("n", [1, 37])
 @pytest.mark.parametrize("num_classes", [1, 7, 668, 1128])
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_matches_reference(device, dtype, num_classes, n, option, reduction):
     if option == "ignore_class" and num_classes == 1:
         option = "ignore"  # ignore_index=0 would ignore every row of a 1-class problem
@@ -188,7 +180,7 @@ def test_matches_reference(device, dtype, num_classes, n, option, reduction):
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 @pytest.mark.parametrize("option", ["plain", "weight_smoothing_ignore", "probs_smoothing"])
 @pytest.mark.parametrize("num_classes", [32000, 128256])
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_matches_reference_large_vocabulary(device, dtype, num_classes, option, reduction):
     # Several kernel blocks per row, and the vocabularies of Llama 2 and Llama 3.
     x, target, kwargs = make_problem(option, (3, num_classes), dtype, device)
@@ -214,7 +206,7 @@ def test_empty_batch(device, option, reduction):
     "option", ["plain", "ignore_class", "weight_smoothing_ignore", "probs", "probs_weight_smoothing"]
 )
 @pytest.mark.parametrize("shape", [(4, 7, 3, 5), (2, 33, 6), (3, 5, 1, 2, 2)], ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=_dtype_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=dtype_id)
 def test_k_dimensional_input(device, dtype, shape, option, reduction):
     x, target, kwargs = make_problem(option, shape, dtype, device)
     check_against_reference(x, target, reduction, kwargs)
@@ -223,7 +215,7 @@ def test_k_dimensional_input(device, dtype, shape, option, reduction):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("option", ["plain", "weight", "smoothing", "probs", "probs_weight_smoothing"])
 @pytest.mark.parametrize("num_classes", [1, 9, 1500])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=_dtype_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=dtype_id)
 def test_unbatched_input(device, dtype, num_classes, option, reduction):
     # Input (C) with a 0-d class index, or a (C) probability vector.
     x, target, kwargs = make_problem(option, (num_classes,), dtype, device)
@@ -283,7 +275,7 @@ LAYOUTS = {
 @pytest.mark.parametrize("option", ["plain", "weight_smoothing_ignore", "probs_weight_smoothing"])
 @pytest.mark.parametrize("num_classes", [7, 1128])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=_dtype_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=dtype_id)
 def test_non_contiguous_input(device, dtype, layout, num_classes, option, reduction):
     x, target, kwargs = make_problem(option, (6, num_classes), dtype, device)
     x = LAYOUTS[layout](x)
@@ -308,7 +300,7 @@ def test_non_contiguous_target(device, option, reduction):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("option", ["plain", "weight", "smoothing", "weight_smoothing_ignore"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_every_target_ignored(device, dtype, option, reduction):
     # 'mean' is 0 / 0 = NaN, 'sum' 0 and 'none' zeros, as in PyTorch; and no
     # gradient reaches the logits (PyTorch's is zero, not NaN, even for 'mean').
@@ -351,7 +343,7 @@ def test_full_label_smoothing(device, option, reduction):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("scale", [1e-4, 1e3, 3e4])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_extreme_logit_scales(device, dtype, scale, reduction):
     # Near-uniform rows, and rows so peaked that exp overflows without the max shift.
     x = (scale * torch.randn(16, 300, device=device)).to(dtype)
@@ -376,7 +368,7 @@ def test_masked_logits(device, option, reduction):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("option", ["probs", "probs_smoothing", "probs_weight_smoothing"])
 @pytest.mark.parametrize("shape", [(6, 10), (3, 10, 4)], ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=_dtype_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
 def test_probability_target_gradient(device, dtype, shape, option, reduction):
     # Soft targets that are themselves learned (a teacher) need d loss / d target.
     x, target, kwargs = make_problem(option, shape, dtype, device)

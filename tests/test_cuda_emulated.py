@@ -70,7 +70,7 @@ def _compare(emulator, logits, target, weight, smoothing, softcap, threads):
     got = emulator.forward(logits, target, weight, ignore, smoothing, softcap, 0, -1, threads)
     want = torch.ops.fused_ce.cross_entropy_forward(logits, target, weight, ignore, smoothing, softcap)
     for name, g, w in zip(("loss", "lse", "mass"), got, want):
-        torch.testing.assert_close(g, w, **_tolerance(dtype), equal_nan=True, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g, w, **_tolerance(dtype), equal_nan=True, msg=lambda m, name=name: f"{name}: {m}")
 
     n = logits.shape[0]
     acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -89,7 +89,9 @@ def _compare(emulator, logits, target, weight, smoothing, softcap, threads):
     # The fused kernel (gradient in the forward pass), out of place and over the logits.
     row_scale = torch.rand(n, dtype=acc)
     z_scale = torch.rand(n, dtype=acc) * 1e-2
-    want = torch.ops.fused_ce.cross_entropy_fused(logits, target, weight, row_scale, z_scale, ignore, smoothing, softcap)
+    want = torch.ops.fused_ce.cross_entropy_fused(
+        logits, target, weight, row_scale, z_scale, ignore, smoothing, softcap
+    )
     for inplace in (False, True):
         x = logits.clone() if inplace else logits
         got = emulator.fused(x, target, weight, row_scale, z_scale, ignore, smoothing, softcap, 0, -1, threads, inplace)

@@ -108,7 +108,7 @@ def test_inplace_backward_writes_the_gradient_into_the_logits_buffer(device):
 
 def test_inplace_backward_refuses_a_leaf(device):
     logits = torch.randn(4, 9, device=device, requires_grad=True)
-    with pytest.raises(ValueError, match="inplace_backward.*leaf"):
+    with pytest.raises(ValueError, match=r"inplace_backward.*leaf"):
         fused_ce.cross_entropy(logits, torch.zeros(4, dtype=torch.long, device=device), inplace_backward=True)
 
 
@@ -126,13 +126,13 @@ def test_inplace_backward_refuses_a_second_backward(device):
     logits = h @ torch.randn(7, 3, device=device).T
     loss = fused_ce.cross_entropy(logits, torch.zeros(4, dtype=torch.long, device=device), inplace_backward=True)
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="inplace_backward=True.*one"):
+    with pytest.raises(RuntimeError, match=r"inplace_backward=True.*one"):
         loss.backward()
 
 
 def test_inplace_backward_with_return_lse_is_refused(device):
     logits = torch.randn(4, 9, device=device) * 1.0
-    with pytest.raises(ValueError, match="inplace_backward.*return_lse"):
+    with pytest.raises(ValueError, match=r"inplace_backward.*return_lse"):
         fused_ce.cross_entropy(logits, torch.zeros(4, dtype=torch.long, device=device), return_lse=True,
                                inplace_backward=True)
 
@@ -198,7 +198,7 @@ def test_fused_path_gradient_is_the_two_pass_gradient(device, reduction):
 def test_gradcheck_extras(device, kwargs, reduction):
     logits = torch.randn(6, 9, dtype=torch.float64, device=device, requires_grad=True)
     target = torch.tensor([0, 1, 2, 3, 4, 1], device=device)
-    fn = lambda x: fused_ce.cross_entropy(x, target, reduction=reduction, **kwargs)  # noqa: E731
+    fn = lambda x: fused_ce.cross_entropy(x, target, reduction=reduction, **kwargs)
     assert torch.autograd.gradcheck(fn, (logits,))
     assert torch.autograd.gradgradcheck(fn, (logits,))
 
@@ -257,7 +257,7 @@ def test_focal_loss_fractional_gamma_gradient_is_finite_where_p_t_is_one(device,
     assert bool((grad[flat] == 0).all())
     # Elsewhere the float64 reference holds (its pow is finite there).
     upstream_rows = ~flat
-    want_loss, want_grad = _loss_and_grad(
+    _want_loss, want_grad = _loss_and_grad(
         focal_loss_reference, logits.double(), target, reduction, dict(gamma=gamma, alpha=alpha)
     )
     torch.testing.assert_close(grad[upstream_rows].double(), want_grad[upstream_rows], **_tolerance(dtype))
@@ -281,7 +281,7 @@ def test_focal_loss_gradcheck(device):
     ids=["negative_gamma", "alpha_shape", "alpha_type"],
 )
 def test_focal_loss_bad_arguments(kwargs, error):
-    with pytest.raises(error, match="gamma|alpha"):
+    with pytest.raises(error, match=r"gamma|alpha"):
         fused_ce.focal_loss(torch.randn(4, 5), torch.zeros(4, dtype=torch.long), **kwargs)
 
 
@@ -365,7 +365,7 @@ def test_opcheck_mutating_ops(device):
         rows = sample[0].clone()
         torch.library.opcheck(torch.ops.fused_ce.scale_rows_.default, (rows, sample[3]))
         logits, target, weight, row_scale = sample[:4]
-        loss, lse, mass = torch.ops.fused_ce.cross_entropy_forward(logits, target, weight, -100, 0.1, sample[7])
+        _loss, lse, _mass = torch.ops.fused_ce.cross_entropy_forward(logits, target, weight, -100, 0.1, sample[7])
         grad = torch.zeros_like(logits)
         keep = torch.where(torch.arange(5, device=device) % 2 == 0, 1.0, 0.5).to(lse.dtype)
         torch.library.opcheck(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from utils import dtype_id, max_error
 
 import fused_ce
 import fused_ce.linear.api
@@ -22,7 +23,7 @@ import fused_ce.linear.plan
 from fused_ce.linear import LinearCrossEntropyLoss, chunk_plan, linear_cross_entropy
 from fused_ce.linear.loops import Head, fused_objective_and_gradients, shard_gradients, shard_statistics
 from fused_ce.linear.plan import ALL_ROWS, CHUNK_ENV
-from fused_ce.reference import cross_entropy_reference
+from fused_ce.reference import cross_entropy_reference, torch_cross_entropy
 
 REDUCTIONS = ["none", "mean", "sum"]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -48,8 +49,6 @@ OPTIONS = {
 }
 
 
-def _dtype_id(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def make_problem(option: str, batch_shape, hidden: int, num_classes: int, dtype=torch.float32, device="cpu"):
@@ -85,29 +84,8 @@ def composed_loss(x, w, target, *, linear_bias=None, weight=None, reduction="mea
     kwargs = dict(weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing)
     class_dim_logits = logits.movedim(-1, 1) if logits.dim() > 2 else logits
     class_dim_target = target.movedim(-1, 1) if target.is_floating_point() and target.dim() > 2 else target
-    if reference:
-        loss = cross_entropy_reference(
-            class_dim_logits, class_dim_target, reduction=reduction, softcap=softcap, **kwargs
-        )
-    else:
-        z = logits if softcap is None else softcap * torch.tanh(logits / softcap)
-        z = z.movedim(-1, 1) if z.dim() > 2 else z
-        loss = F.cross_entropy(z, class_dim_target, reduction=reduction, **kwargs)
-    if z_loss:
-        z = logits.double() if reference else logits
-        if softcap is not None:
-            z = softcap * torch.tanh(z / softcap)
-        lse = torch.logsumexp(z, dim=-1)
-        valid = torch.ones_like(lse, dtype=torch.bool) if target.is_floating_point() else target != ignore_index
-        term = z_loss * lse.square() * valid
-        if reduction == "none":
-            loss = loss + term.to(loss.dtype)
-        else:
-            total = term.sum()
-            if reduction == "mean":
-                total = total / valid.sum().clamp(min=1)
-            loss = loss + total.to(loss.dtype)
-    return loss
+    compose = cross_entropy_reference if reference else torch_cross_entropy
+    return compose(class_dim_logits, class_dim_target, reduction=reduction, softcap=softcap, z_loss=z_loss, **kwargs)
 
 
 def _to64(t):
@@ -130,15 +108,9 @@ def loss_and_grads(fn, x, w, target, upstream, kwargs):
 
 def reference_loss_and_grads(x, w, target, upstream, kwargs):
     kwargs64 = {k: _to64(v) for k, v in kwargs.items() if k != "chunk_size"}
-    fn = lambda *a, **k: composed_loss(*a, reference=True, **k)  # noqa: E731
+    fn = lambda *a, **k: composed_loss(*a, reference=True, **k)
     return loss_and_grads(fn, _to64(x), _to64(w), _to64(target), _to64(upstream), kwargs64)
 
-
-def max_error(actual, expected) -> float:
-    finite = ~expected.isnan()
-    if not bool(finite.any()):
-        return 0.0
-    return float((actual.to(torch.float64) - expected)[finite].abs().max())
 
 
 def assert_as_accurate_as_torch(actual, torch_value, expected, what):
@@ -200,7 +172,7 @@ def check_against_reference(x, w, target, reduction, kwargs):
 @pytest.mark.parametrize("option", list(OPTIONS))
 @pytest.mark.parametrize("chunk_size", [None, 5, (8, 24), (None, 24)],
                          ids=["chunk_auto", "rows5", "blocks8x24", "allrows24"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_matches_reference(device, dtype, chunk_size, option, reduction):
     # N = 37 rows in chunks of 5 (the last one short) over the whole vocabulary, in
     # blocks of 8 rows x 24 classes (two passes; V = 131: the last block short), or
@@ -211,7 +183,7 @@ def test_matches_reference(device, dtype, chunk_size, option, reduction):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("option", ["plain", "bias_zloss_softcap", "probs_weight_smoothing"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_batch_time_input(device, dtype, option, reduction):
     # (B, T, D) hidden states with (B, T) targets; 'none' gives (B, T).
     x, w, target, kwargs = make_problem(option, (3, 7), 16, 50, dtype, device)
@@ -239,7 +211,7 @@ def test_chunk_sizes(device, chunk_size):
 
 
 @pytest.mark.parametrize("num_classes", [1, 2, 3000])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_vocabulary_sizes(device, dtype, num_classes):
     x, w, target, kwargs = make_problem("bias", (19,), 32, num_classes, dtype, device)
     check_against_reference(x, w, target, "mean", dict(kwargs, chunk_size=6))
@@ -275,7 +247,7 @@ def test_empty_batch(device, option, reduction):
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_every_target_ignored(device, dtype, reduction):
     # 'mean' is 0 / 0 = NaN, 'sum' 0; no gradient flows (PyTorch's is zero, not NaN).
     x, w, target, kwargs = make_problem("bias_zloss_softcap", (9,), 8, 13, dtype, device)
@@ -303,7 +275,7 @@ def test_non_contiguous_operands(device):
 
 @pytest.mark.parametrize("target_dtype", [torch.int32, torch.uint8])
 def test_integer_targets(device, target_dtype):
-    x, w, target, kwargs = make_problem("plain", (12,), 8, 20, torch.float32, device)
+    x, w, target, _ = make_problem("plain", (12,), 8, 20, torch.float32, device)
     got = linear_cross_entropy(x, w, target.to(target_dtype), reduction="none")
     torch.testing.assert_close(got, linear_cross_entropy(x, w, target, reduction="none"))
 
@@ -468,7 +440,7 @@ def test_module_options(device):
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_backward_twice_with_retain_graph(device, dtype, reduction):
     # The second backward through the same graph must add the same gradients again
     # (the first one handed its precomputed buffers on).
@@ -576,7 +548,7 @@ def _op_samples(device):
         weight = kwargs.get("weight")
         options = (kwargs.get("ignore_index", IGNORE), kwargs.get("label_smoothing", 0.0), kwargs.get("softcap") or 0.0,
                    rows, classes)
-        option = f"{option}-rows{rows}-classes{classes}-{_dtype_id(dtype)}"
+        option = f"{option}-rows{rows}-classes{classes}-{dtype_id(dtype)}"
         x.requires_grad_(True)
         w.requires_grad_(True)
         if bias is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from utils import dtype_id
 
 import fused_ce
 from fused_ce.reference import cross_entropy_reference
@@ -27,8 +28,6 @@ backward_op = torch.ops.fused_ce.cross_entropy_backward.default
 IGNORE = -100
 
 
-def _dtype_id(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 # -- float64 formulas of the raw ops -------------------------------------------------------
@@ -76,7 +75,7 @@ RAW_TOLERANCES = {
 @pytest.mark.parametrize("weighted", [False, True], ids=["no_weight", "weight"])
 @pytest.mark.parametrize("kind", ["index", "probs"])
 @pytest.mark.parametrize("num_classes", [1, 7, 3000])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=_dtype_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=dtype_id)
 def test_forward_op_matches_formulas(device, dtype, num_classes, kind, weighted, label_smoothing, softcap):
     logits, target, weight = raw_problem(kind, 9, num_classes, dtype, device, weighted)
     loss, lse, mass = forward_op(logits, target, weight, IGNORE, label_smoothing, softcap)
@@ -108,7 +107,7 @@ def test_forward_op_matches_formulas(device, dtype, num_classes, kind, weighted,
 @pytest.mark.parametrize("weighted", [False, True], ids=["no_weight", "weight"])
 @pytest.mark.parametrize("kind", ["index", "probs"])
 @pytest.mark.parametrize("num_classes", [1, 7, 3000])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=_dtype_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=dtype_id)
 def test_backward_op_matches_formula(device, dtype, num_classes, kind, weighted, label_smoothing, softcap):
     n = 9
     logits, target, weight = raw_problem(kind, n, num_classes, dtype, device, weighted)
@@ -428,7 +427,7 @@ def test_backward_into_refuses_a_buffer_that_overlaps_the_logits(device):
                                                             IGNORE, 0.0, 0.0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_backward_in_place_matches_out_of_place(device, dtype):
     logits, target, weight = raw_problem("index", 33, 1000, dtype, device, weighted=True)
     lse = torch.logsumexp(logits.float(), 1)
@@ -500,6 +499,6 @@ def test_compile_fullgraph_refuses_a_bad_float_option():
     x, target = torch.randn(4, 6), torch.randint(0, 6, (4,))
     for value in (1e-4, 2e-4):
         compiled(x, target, z_loss=value)
-    with pytest.raises(RuntimeError, match="z_loss|[Oo]bserved exception"):
+    with pytest.raises(RuntimeError, match=r"z_loss|[Oo]bserved exception"):
         compiled(x, target, z_loss=-1.0)
     torch._dynamo.reset()

@@ -31,9 +31,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from utils import max_error
 
 import fused_ce
-from fused_ce.reference import cross_entropy_reference
+from fused_ce.reference import cross_entropy_reference, torch_cross_entropy
 
 _BUDGET = os.environ.get("FUSED_CE_HYPOTHESIS_EXAMPLES", "").strip()
 
@@ -365,8 +366,9 @@ def test_paths_agree(device, p: Problem):
         results[path] = run(fused_ce.cross_entropy, q, base, target, kwargs, p.seed + 1, reference=False, device=device)
     mag = logit_magnitude(p, base)
     tol = _tolerance(results["forward"][0].to(torch.float64), p.dtype, mag)
-    for path, (loss, _lse, grad, _gt) in results.items():
-        torch.testing.assert_close(loss, results["forward"][0], equal_nan=True, **tol, msg=lambda m: f"{path}: {m}")
+    for path, (loss, _lse, _grad, _gt) in results.items():
+        torch.testing.assert_close(loss, results["forward"][0], equal_nan=True, **tol,
+                                   msg=lambda m, path=path: f"{path}: {m}")
     grads = {k: v[2] for k, v in results.items() if v[2] is not None}
     # The lse path's upstream also drives the lse, so it is compared to the reference only.
     grads.pop("lse", None)
@@ -383,36 +385,8 @@ def test_paths_agree(device, p: Problem):
 
 def torch_at_dtype(x, target, kwargs):
     """The loss a PyTorch user writes for fused_ce's options, computed at x's dtype."""
-    kw = dict(kwargs)
-    z_loss = kw.pop("z_loss", 0.0)
-    softcap = kw.pop("softcap", None)
-    z = softcap * torch.tanh(x / softcap) if softcap is not None else x
-    target = target if target.is_floating_point() else target.long()  # PyTorch takes int64 (or uint8) only
-    loss = F.cross_entropy(z, target, **kw)
-    if z_loss:
-        class_dim = 0 if x.dim() == 1 else 1
-        lse = torch.logsumexp(z, dim=class_dim)
-        if target.is_floating_point():
-            valid = torch.ones_like(lse)
-        else:
-            valid = (target != kw.get("ignore_index", -100)).to(lse.dtype)
-        z_rows = z_loss * lse.square() * valid
-        reduction = kw.get("reduction", "mean")
-        if reduction == "none":
-            loss = loss + z_rows
-        elif reduction == "sum":
-            loss = loss + z_rows.sum()
-        else:
-            loss = loss + z_rows.sum() / valid.sum().clamp(min=1)
-    return loss
+    return torch_cross_entropy(x, target, **kwargs)
 
-
-def max_error(actual, expected) -> float:
-    keep = ~expected.isnan()
-    if not bool(keep.any()):
-        return 0.0
-    diff = (actual.to(torch.float64) - expected)[keep].abs()
-    return float(diff.max()) if diff.numel() else 0.0
 
 
 def assert_no_worse_than_torch(actual, torch_value, expected, dtype, what, allowance=2.0, extra_floor=0.0):
@@ -694,4 +668,4 @@ def test_linear_cross_entropy_matches_reference(device, case):
         if dtype == torch.float32:
             tol = dict(rtol=1e-4, atol=1e-5 * (1 + (float(want.abs().max()) if want.numel() else 0.0)))
         torch.testing.assert_close(got.cpu().to(torch.float64), want, equal_nan=True, **tol,
-                                   msg=lambda m: f"{name} gradient: {m}")
+                                   msg=lambda m, name=name: f"{name} gradient: {m}")

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .. import _checks as checks
-from .._reduce import CountedRows, loss_dtype as _loss_dtype, reduce_losses
+from .._reduce import CountedRows, reduce_losses, result_dtype
 from .._rows import as_rows, target_rows
 from ..linear.loops import Head, shard_gradients, shard_statistics
 from ..linear.plan import chunk_plan
@@ -31,8 +31,7 @@ def _check_options(reduction, label_smoothing, ignore_index, z_loss, softcap):
 def _target_rows(target, source: Tensor, name: str) -> Tensor:
     """Class indices of ``source``'s batch shape (classes last), as int64 rows."""
     checks.check_tensor(target, "target")
-    if target.device != source.device:
-        raise checks.ArgumentError(f"{name} and target must be on the same device, got {source.device} and {target.device}")
+    checks.check_target_device(target, source.device, name)
     return target_rows(target, batch_shape=source.shape[:-1], probs_shape=source.shape, class_dim=-1, probs_dtype=None,
                        probs_allowed=False)
 
@@ -71,7 +70,9 @@ class _VocabParallelRows(torch.autograd.Function):
 
 
 def _head(x, weight, bias, rows, class_weight, plan: Plan, chunk: tuple[int, int]) -> Head:
-    """The chunked linear + cross-entropy problem of this rank's slice (fused_ce.linear.loops); chunk = (rows, classes)."""
+    """The chunked linear + cross-entropy problem of this rank's slice (fused_ce.linear.loops).
+
+    chunk: (rows, classes) per block."""
     return Head(x, weight, bias, rows, class_weight, plan.ignore_index, plan.label_smoothing, plan.softcap, chunk[0],
                 plan.vocab_start, plan.vocab_total, classes=chunk[1])
 
@@ -195,12 +196,12 @@ def vocab_parallel_cross_entropy(
 
     logits = as_rows(logits_shard, -1)
     loss, lse, denominator = _VocabParallelRows.apply(logits, rows, class_weight, plan)
-    out_dtype = _loss_dtype(logits_shard.dtype, logits_shard.device.type, loss_dtype)
+    out_dtype = result_dtype(logits_shard.dtype, logits_shard.device.type, loss_dtype)
     return reduce_losses(loss, lse, _counted(rows, plan, denominator), reduction, z_loss, batch_shape, out_dtype)
 
 
 def vocab_parallel_linear_cross_entropy(
-    input: Tensor,  # noqa: A002 - F.linear's name
+    input: Tensor,
     weight_shard: Tensor,
     target: Tensor,
     *,
@@ -294,7 +295,9 @@ def vocab_parallel_linear_cross_entropy(
         or bias_shard.dtype != input.dtype
         or bias_shard.device != input.device
     ):
-        raise checks.ArgumentError(f"bias_shard must be None or a ({local_size},) tensor with the input's dtype and device")
+        raise checks.ArgumentError(
+            f"bias_shard must be None or a ({local_size},) tensor with the input's dtype and device"
+        )
     checks.check_device(input.device)
     batch_shape = input.shape[:-1]
     rows = _target_rows(target, input, "input")
@@ -308,5 +311,5 @@ def vocab_parallel_linear_cross_entropy(
     loss, lse, denominator = _VocabParallelLinearRows.apply(
         x, weight_shard, bias_shard, rows, cw, plan, chunk, bool(reduce_input_grad)
     )
-    out_dtype = _loss_dtype(input.dtype, input.device.type, loss_dtype)
+    out_dtype = result_dtype(input.dtype, input.device.type, loss_dtype)
     return reduce_losses(loss, lse, _counted(rows, plan, denominator), reduction, z_loss, batch_shape, out_dtype)

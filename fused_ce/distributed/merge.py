@@ -60,7 +60,9 @@ def _vocab_range(local_size: int, rank: int, world_size: int, group, device, voc
             raise ArgumentError("pass either vocab_sizes or vocab_start and vocab_total, not both")
         sizes = [int(s) for s in vocab_sizes]
         if len(sizes) != world_size:
-            raise ArgumentError(f"vocab_sizes must have one entry per rank of the group ({world_size}), got {len(sizes)}")
+            raise ArgumentError(
+                f"vocab_sizes must have one entry per rank of the group ({world_size}), got {len(sizes)}"
+            )
         if any(s <= 0 for s in sizes):
             raise ArgumentError(f"vocab_sizes must be positive, got {sizes}")
         if sizes[rank] != local_size:
@@ -73,7 +75,7 @@ def _vocab_range(local_size: int, rank: int, world_size: int, group, device, voc
         raise ArgumentError("vocab_start and vocab_total must be given together (or neither, or vocab_sizes instead)")
     if vocab_start is not None:
         start, total = int(vocab_start), int(vocab_total)
-        if not (0 <= start and start + local_size <= total):
+        if not (start >= 0 and start + local_size <= total):
             raise ArgumentError(
                 f"this rank's classes [vocab_start, vocab_start + {local_size}) = [{start}, {start + local_size}) "
                 f"must lie within [0, vocab_total) = [0, {total})"

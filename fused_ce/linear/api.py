@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _checks as checks
-from .._reduce import CountedRows, loss_dtype as _loss_dtype, nan_if_empty, reduce_losses, row_scales
+from .._reduce import CountedRows, nan_if_empty, reduce_losses, result_dtype, row_scales
 from .._rows import target_rows
 from ..functional import cross_entropy
 from ..ops import accumulate_dtype
@@ -53,14 +53,18 @@ def check_linear_operands(input, linear_weight, linear_bias) -> None:
             f"input's last dimension ({input.shape[-1]}) must equal linear_weight's in_features ({in_features})"
         )
     if linear_weight.dtype != input.dtype:
-        raise checks.ArgumentTypeError(f"linear_weight must have input's dtype ({input.dtype}), got {linear_weight.dtype}")
+        raise checks.ArgumentTypeError(
+            f"linear_weight must have input's dtype ({input.dtype}), got {linear_weight.dtype}"
+        )
     checks.check_same_device(linear_weight, "linear_weight", input.device)
     if linear_bias is not None:
         checks.check_tensor(linear_bias, "linear_bias")
         if linear_bias.shape != (num_classes,):
             raise checks.ArgumentError(f"linear_bias must have shape ({num_classes},), got {tuple(linear_bias.shape)}")
         if linear_bias.dtype != input.dtype:
-            raise checks.ArgumentTypeError(f"linear_bias must have input's dtype ({input.dtype}), got {linear_bias.dtype}")
+            raise checks.ArgumentTypeError(
+                f"linear_bias must have input's dtype ({input.dtype}), got {linear_bias.dtype}"
+            )
         checks.check_same_device(linear_bias, "linear_bias", input.device)
     checks.check_device(input.device)
 
@@ -130,8 +134,7 @@ def linear_cross_entropy(
     num_classes, in_features = linear_weight.shape
     batch_shape = input.shape[:-1]
     checks.check_tensor(target, "target")
-    if target.device != input.device:
-        raise checks.ArgumentError(f"input and target must be on the same device, got {input.device} and {target.device}")
+    checks.check_target_device(target, input.device)
     rows = target_rows(target, batch_shape=batch_shape, probs_shape=(*batch_shape, num_classes), class_dim=-1,
                        probs_dtype=compute_dtype(input.dtype, input.device), ignore_index_given=ignore_index_given)
     acc = accumulate_dtype(input.dtype)
@@ -141,7 +144,7 @@ def linear_cross_entropy(
             "target: gradients with respect to probability targets are not supported by linear_cross_entropy; "
             "pass target.detach(), or use fused_ce.cross_entropy on the logits"
         )
-    out_dtype = _loss_dtype(input.dtype, input.device.type, loss_dtype)
+    out_dtype = result_dtype(input.dtype, input.device.type, loss_dtype)
     x = input.reshape(math.prod(batch_shape), in_features)
     if num_classes == 0:  # no classes, no logits to save: F.cross_entropy's answer, on an empty matmul
         loss = cross_entropy(F.linear(x, linear_weight, linear_bias), rows, weight, ignore_index, reduction,

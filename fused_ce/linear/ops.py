@@ -152,7 +152,7 @@ def _differentiable_gradients(ctx, loss_coef: Tensor, lse_coef_fn, needs) -> tup
 
     Correct, not fast (it materialises N x V), like ops.py's double-backward path.
     """
-    input, linear_weight, linear_bias, target, weight, lse = ctx.saved_tensors[:6]
+    input, linear_weight, linear_bias, target, weight = ctx.saved_tensors[:5]
     logits = F.linear(input, linear_weight, linear_bias)
     options = ctx.options + (0, -1)
     grad_logits = gradient_by_formula(logits, target, weight, options, loss_coef, lse_coef_fn)
@@ -212,7 +212,7 @@ def _fused_backward(ctx, grad_objective, _grad_lse, _grad_mass, _gi, _gw, _gb):
     no_grads = (None,) * 12
     if grad_objective is None:
         return (None,) * 3 + no_grads
-    input, linear_weight, linear_bias, target, weight, lse, mass, row_scale, z_scale = ctx.saved_tensors
+    input, linear_weight, linear_bias, _target, _weight, lse, mass, row_scale, z_scale = ctx.saved_tensors
     g = grad_objective.to(lse.dtype)
     if torch.is_grad_enabled():  # create_graph=True
         z_coef = None if z_scale is None else 2 * g * z_scale
