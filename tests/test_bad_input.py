@@ -12,8 +12,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from linear_problems import make_problem
 
 import fused_ce
+from fused_ce.linear import linear_cross_entropy
 
 forward_op = torch.ops.fused_ce.cross_entropy_forward.default
 backward_op = torch.ops.fused_ce.cross_entropy_backward.default
@@ -480,3 +482,101 @@ def test_error_classes_are_both_kinds():
     # Python API raises, catches fused_ce's.
     assert issubclass(fused_ce.ArgumentError, ValueError) and issubclass(fused_ce.ArgumentError, RuntimeError)
     assert issubclass(fused_ce.ArgumentTypeError, TypeError) and issubclass(fused_ce.ArgumentTypeError, RuntimeError)
+
+
+# -- option values; dtype conversions PyTorch does not do ------------------------------------
+
+
+# (test_extras.py covers -1, nan, inf and "0.1" for both.)
+@pytest.mark.parametrize("z_loss", [-1e-4, -math.inf, True, None], ids=repr)
+def test_z_loss_invalid(z_loss):
+    with pytest.raises(ValueError, match=r"z_loss must be a finite number >= 0"):
+        fused_ce.cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 2]), z_loss=z_loss)
+
+
+@pytest.mark.parametrize("softcap", [0, -math.inf, True, "30"], ids=repr)
+def test_softcap_invalid(softcap):
+    # None turns the soft-cap off; 0 is not a synonym (a cap of 0 is meaningless).
+    with pytest.raises(ValueError, match=r"softcap must be None or a finite number > 0"):
+        fused_ce.cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 2]), softcap=softcap)
+
+
+@pytest.mark.parametrize("ignore_index", [2**63, -(2**63) - 1], ids=str)
+def test_ignore_index_outside_int64(ignore_index):
+    with pytest.raises(ValueError, match=r"ignore_index must fit in int64"):
+        fused_ce.cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 2]), ignore_index=ignore_index)
+
+
+def test_label_smoothing_that_is_not_a_number():
+    with pytest.raises(ValueError, match=r"label_smoothing must be a number in \[0, 1\]"):
+        fused_ce.cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 2]), label_smoothing="0.1")
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_weight_of_another_floating_dtype_is_converted(weight_dtype):
+    # PyTorch raises for a weight whose dtype differs from the logits'; fused_ce
+    # converts it to its accumulation dtype, so the result is that of the converted weight.
+    x = torch.randn(6, 5, generator=torch.Generator().manual_seed(7))
+    target = torch.tensor([0, 1, 2, 3, 4, 0])
+    weight = (torch.rand(5, generator=torch.Generator().manual_seed(8)) + 0.5).to(weight_dtype)
+    with pytest.raises(RuntimeError):
+        F.cross_entropy(x, target, weight=weight)
+    loss = fused_ce.cross_entropy(x, target, weight=weight)
+    torch.testing.assert_close(loss, F.cross_entropy(x, target, weight=weight.float()), rtol=1e-5, atol=1e-6)
+
+
+def test_probability_target_of_another_floating_dtype_is_converted():
+    # The same for class probabilities: converted to the logits' dtype.
+    x = torch.randn(6, 5, generator=torch.Generator().manual_seed(9))
+    target = torch.randn(6, 5, generator=torch.Generator().manual_seed(10), dtype=torch.float64).softmax(1)
+    loss = fused_ce.cross_entropy(x, target)
+    torch.testing.assert_close(loss, F.cross_entropy(x, target.float()), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("target_dtype", [torch.int32, torch.int16, torch.uint8], ids=str)
+def test_out_of_range_narrow_integer_targets_raise(target_dtype):
+    # Narrow integer targets are widened before the range check, not wrapped.
+    target = torch.tensor([0, 200, 1], dtype=target_dtype)
+    with pytest.raises(IndexError, match=r"target.*out of range"):
+        fused_ce.cross_entropy(torch.randn(3, 5), target)
+
+
+# -- linear_cross_entropy ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make_args, error, match",
+    [
+        (lambda x, w, t: (x.double(), w, t), TypeError, "linear_weight must have input's dtype"),
+        (lambda x, w, t: (x, w[:, :-1], t), ValueError, "in_features"),
+        (lambda x, w, t: (x, w.reshape(w.shape[0], 2, -1), t), NotImplementedError, "2-D"),
+        (lambda x, w, t: (x, w, t[:-1]), ValueError, "batch shape"),
+        (lambda x, w, t: (x, w, t.float()), ValueError, "class probabilities must have shape"),
+        (lambda x, w, t: (x.long(), w, t), TypeError, "floating point"),
+        (lambda x, w, t: (x[0, 0], w, t), ValueError, "scalar"),
+    ],
+    ids=["dtype", "in_features", "k_dim_weight", "target_shape", "probs_shape", "int_input", "scalar_input"],
+)
+def test_linear_bad_input(device, make_args, error, match):
+    x, w, target, _ = make_problem("plain", (6,), 8, 10, torch.float32, device)
+    with pytest.raises(error, match=match):
+        linear_cross_entropy(*make_args(x, w, target))
+
+
+def test_linear_bad_options(device):
+    x, w, target, _ = make_problem("plain", (6,), 8, 10, torch.float32, device)
+    with pytest.raises(ValueError, match="linear_bias must have shape"):
+        linear_cross_entropy(x, w, target, linear_bias=torch.zeros(3, device=device))
+    with pytest.raises(ValueError, match="reduction"):
+        linear_cross_entropy(x, w, target, reduction="avg")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        linear_cross_entropy(x, w, target, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        linear_cross_entropy(x, w, target, weight=torch.ones(3, device=device))
+    with pytest.raises(ValueError, match="z_loss"):
+        linear_cross_entropy(x, w, target, z_loss=-1.0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        linear_cross_entropy(x, w, target, chunk_size=0)
+    if device == "cpu":  # CUDA gives that row NaN instead (see fused_ce.set_target_validation)
+        with pytest.raises(IndexError, match="out of range"):
+            linear_cross_entropy(x, w, torch.full_like(target, 10))
