@@ -73,9 +73,9 @@ KernelArgs make_args(const at::Tensor& logits, const at::Tensor& target, const s
 }
 
 // The gradient is the one N x V buffer the ops allocate. Faulting in a fresh
-// 0.5 GB buffer 4 KB page by page costs more than the kernel that fills it (about
-// 150 ms against 50 ms on the development machines), so large buffers are aligned
-// to 2 MB and advised onto transparent huge pages. Kernels without THP ignore it.
+// buffer 4 KB page by page costs more than the kernel that fills it
+// (bench/results/cpu-2026-11-28/README.md), so large buffers are aligned to 2 MB
+// and advised onto transparent huge pages. Kernels without THP ignore it.
 at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr size_t kHugePage = size_t(2) << 20;
