@@ -13,7 +13,9 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 python -m pip install -q --upgrade pip setuptools wheel
-python -m pip install -q "torch>=2.4" ninja numpy pytest hypothesis matplotlib transformers
-# The build reuses build/ between runs; MAX_JOBS bounds its parallel compiles.
-MAX_JOBS=${MAX_JOBS:-$(nproc)} python -m pip install -q --no-build-isolation -e .
+# The build requirements (pyproject.toml's [build-system]) first: the build runs against
+# the installed torch (--no-build-isolation), then fused_ce with the test, Hugging Face
+# and plot extras. MAX_JOBS bounds the parallel compiles.
+python -m pip install -q "torch>=2.4" ninja
+MAX_JOBS=${MAX_JOBS:-$(nproc)} python -m pip install -q --no-build-isolation -e ".[test,hf,plot]"
 python -c 'import fused_ce, torch; print(f"fused_ce built: torch {torch.__version__}, CUDA kernels: {fused_ce.cuda_kernels_available()}, GPU visible: {torch.cuda.is_available()}")'
