@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from . import _checks as checks
+from . import dtensor
 from ._reduce import CountedRows, nan_if_empty, reduce_losses, result_dtype, safe_inverse
 from ._rows import as_rows, target_rows
 from ._training import check_inplace, fused_loss
@@ -123,6 +124,10 @@ def cross_entropy(
         from torch.nn import _reduction
 
         reduction = _reduction.legacy_get_string(size_average, reduce)
+    if dtensor.is_dtensor(input):
+        return dtensor.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss,
+                                     softcap=softcap, return_lse=return_lse, inplace_backward=inplace_backward,
+                                     loss_dtype=loss_dtype)
     checks.check_reduction(reduction)
     checks.check_z_loss(z_loss)
     cap = checks.softcap_option(softcap)

@@ -506,6 +506,86 @@ def case_empty_inputs(group, rank, size):
     return torch.zeros(1)
 
 
+def case_dtensor(group, rank, size):
+    """DTensor logits sharded on the class dimension (and a sharded LM head): F.cross_entropy on the full
+    tensor, and torch's own loss_parallel, give the same loss and gradients; a replicated DTensor comes back."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    check = _Checks()
+    mesh = DeviceMesh.from_group(group, "cpu")
+    gen = torch.Generator().manual_seed(11)
+    vocab = 53  # uneven over 2 and 3 ranks
+    full = torch.randn(10, vocab, generator=gen, dtype=torch.float64) * 2
+    every_row = torch.randint(0, vocab, (10,), generator=gen)
+    some_ignored = torch.where(torch.arange(10) % 4 == 0, -100, every_row)
+    class_weight = torch.rand(vocab, generator=gen, dtype=torch.float64) + 0.5
+    for target, kwargs in ((every_row, dict()), (every_row, dict(label_smoothing=0.1, reduction="sum")),
+                           (every_row, dict(weight=class_weight, reduction="none")),
+                           (some_ignored, dict(z_loss=1e-3, softcap=5.0))):
+        # torch's loss_parallel (2.14) fails on label smoothing (an in-place masked_fill on a
+        # Partial DTensor) and has no z_loss/softcap: there, the full logits are the reference.
+        torch_has = not ({"label_smoothing", "z_loss", "softcap"} & set(kwargs))
+        impls = ("fused_ce", "loss_parallel", "full") if torch_has else ("fused_ce", "full")
+        results = {}
+        for impl in impls:
+            if impl == "full":
+                x = full.clone().requires_grad_(True)
+                loss = torch_cross_entropy(x, target, **kwargs)
+                loss.backward(torch.ones_like(loss))
+                results[impl] = (loss.detach(), x.grad)
+                continue
+            x = distribute_tensor(full.clone(), mesh, [Shard(1)]).requires_grad_(True)
+            # loss_parallel takes DTensors only; fused_ce takes both.
+            dt_target = distribute_tensor(target, mesh, [Replicate()])
+            dt_kwargs = {k: distribute_tensor(v, mesh, [Replicate()]) if torch.is_tensor(v) else v
+                         for k, v in kwargs.items()}
+            if impl == "fused_ce":
+                loss = fused_ce.cross_entropy(x, target if "weight" in kwargs else dt_target, **kwargs)
+            else:
+                with loss_parallel():
+                    loss = F.cross_entropy(x, dt_target, **dt_kwargs)
+            check.true(isinstance(loss, DTensor) and loss.placements == (Replicate(),), f"{impl}: not replicated")
+            with loss_parallel() if impl == "loss_parallel" else contextlib.nullcontext():
+                loss.backward(torch.ones_like(loss))
+            results[impl] = (loss.full_tensor().detach(), x.grad.full_tensor())
+        for impl in impls[:-1]:
+            for what, got, want in zip(("loss", "gradient"), results[impl], results["full"]):
+                check.close(got, want, torch.float64, f"{impl} {kwargs}: {what}")
+    # The LM head sharded by vocabulary rows; the input a plain tensor, the same on every rank.
+    h = torch.randn(10, 6, generator=gen, dtype=torch.float64)
+    w_full = torch.randn(vocab, 6, generator=gen, dtype=torch.float64)
+    hs, ws = h.clone().requires_grad_(True), distribute_tensor(w_full.clone(), mesh, [Shard(0)]).requires_grad_(True)
+    loss = fused_ce.linear_cross_entropy(hs, ws, target, z_loss=1e-3)
+    loss.backward()
+    h_ref, w_ref = h.clone().requires_grad_(True), w_full.clone().requires_grad_(True)
+    want = fused_ce.linear_cross_entropy(h_ref, w_ref, target, z_loss=1e-3)
+    want.backward()
+    check.true(isinstance(loss, DTensor), "linear: not a DTensor")
+    check.close(loss.full_tensor().detach(), want.detach(), torch.float64, "linear: loss")
+    check.close(hs.grad, h_ref.grad, torch.float64, "linear: input gradient")
+    check.close(ws.grad.full_tensor(), w_ref.grad, torch.float64, "linear: weight gradient")
+    # Replicated logits: the local path on each rank's full copy.
+    rep = distribute_tensor(full.clone(), mesh, [Replicate()])
+    got = fused_ce.cross_entropy(rep, some_ignored, label_smoothing=0.2)
+    check.true(isinstance(got, DTensor) and got.placements == (Replicate(),), "replicated: not a replicated DTensor")
+    check.close(got.to_local(), F.cross_entropy(full, some_ignored, label_smoothing=0.2), torch.float64, "replicated")
+    # Placements other than the class dimension's are refused.
+    bad = distribute_tensor(full.clone(), mesh, [Shard(0)])
+    check.true(_raises(lambda: fused_ce.cross_entropy(bad, target), ValueError), "Shard(0) was accepted")
+    check.done()
+    return loss.full_tensor().detach().reshape(-1)
+
+
+def _raises(fn, error) -> bool:
+    try:
+        fn()
+    except error:
+        return True
+    return False
+
+
 def case_linear_bytes(group, rank, size):
     """The fused head communicates O(N) statistics forward and, backward, only the input gradient."""
     report = {}
@@ -635,6 +715,11 @@ def test_linear_matches_full_logits(pool, size, option, bias, chunk_size, reduce
         reduce_input_grad=reduce_input_grad, device=device,
     )
     _same_on_every_rank(losses)
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_dtensor_matches_full_logits_and_loss_parallel(pool, size):
+    _same_on_every_rank(pool.run("case_dtensor", size))
 
 
 @pytest.mark.parametrize("size", [1, 3])

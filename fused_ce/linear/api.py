@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _checks as checks
+from .. import dtensor
 from .._reduce import CountedRows, nan_if_empty, reduce_losses, result_dtype, row_scales
 from .._rows import target_rows
 from ..functional import cross_entropy
@@ -122,6 +123,12 @@ def linear_cross_entropy(
     upstream scalar; otherwise backward makes the logits again, block by block.
     Gradients with respect to class weights and probability targets are not supported.
     """
+    if dtensor.is_dtensor(linear_weight) or dtensor.is_dtensor(input):
+        return dtensor.linear_cross_entropy(
+            input, linear_weight, target, linear_bias=linear_bias, weight=weight, reduction=reduction,
+            ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+            chunk_size=chunk_size, loss_dtype=loss_dtype,
+        )
     checks.check_reduction(reduction)
     checks.check_z_loss(z_loss)
     cap = checks.softcap_option(softcap)
