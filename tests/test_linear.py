@@ -15,6 +15,7 @@ from linear_problems import (
     IGNORE,
     OPTIONS,
     REDUCTIONS,
+    TOLERANCES,
     assert_as_accurate_as_torch,
     check_against_reference,
     composed_loss,
@@ -365,3 +366,32 @@ def test_no_process_wide_matmul_flag_is_touched(device, monkeypatch):
         linear_cross_entropy(x, w, target, chunk_size=(None, 128)).backward()
         assert w.grad is not None
     assert written == []
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shift", [True, 1, 3])
+def test_shift_is_next_token_prediction_without_slicing(device, shift, reduction):
+    # Position t of each sequence predicts the class at t + shift, as the caller would
+    # get by slicing hidden[:, :-shift] and target[:, shift:] (a copy of the hidden states).
+    x, w, target, kwargs = make_problem("weight_zloss_ignore", (3, 9), 8, 40, torch.float32, device)
+    k = int(shift)
+    upstream = random_upstream((3, 9 - k) if reduction == "none" else (), device)
+    got, got_grads = loss_and_grads(lambda *a, **kw: linear_cross_entropy(*a, shift=shift, **kw), x, w, target,
+                                    upstream, dict(kwargs, reduction=reduction))
+    xs = x.detach().requires_grad_(True)
+    ws = w.detach().requires_grad_(True)
+    want = linear_cross_entropy(xs[:, :-k], ws, target[:, k:], reduction=reduction, **kwargs)
+    want_grads = torch.autograd.grad(want, (xs, ws), upstream)
+    torch.testing.assert_close(got, want.detach(), **TOLERANCES[torch.float32])
+    for g, wg in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, wg, **TOLERANCES[torch.float32])
+
+
+def test_shift_past_the_sequence_counts_nothing(device):
+    x, w, target, _ = make_problem("plain", (2, 3), 8, 10, torch.float32, device)
+    assert linear_cross_entropy(x, w, target, shift=3, reduction="none").shape == (2, 0)
+    assert linear_cross_entropy(x, w, target, shift=5).isnan()
+    with pytest.raises(ValueError, match="shift"):
+        linear_cross_entropy(x, w, target, shift=-1)
+    with pytest.raises(ValueError, match="shift"):
+        linear_cross_entropy(x[0, 0], w, target[0, 0], shift=1)

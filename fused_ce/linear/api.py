@@ -84,6 +84,7 @@ def linear_cross_entropy(
     softcap: float | None = None,
     chunk_size: int | tuple[int | None, int] | None = None,
     loss_dtype: torch.dtype | None = None,
+    shift: int = 0,
 ) -> Tensor:
     """``F.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` without the logits.
 
@@ -114,6 +115,12 @@ def linear_cross_entropy(
             ``FUSED_CE_LINEAR_CHUNK_MB``).
         loss_dtype: as :func:`fused_ce.cross_entropy`'s (default: input's dtype, float32
             under autocast).
+        shift: next-token prediction without slicing the hidden states: position ``t``
+            of each sequence (the dimension before the features) is scored against the
+            class index at ``t + shift`` (``True``: 1); the last ``shift`` positions
+            count for nothing, and ``'none'`` returns ``(..., T - shift)``. The hidden
+            states are not copied (their last rows are computed and ignored), only the
+            target is shifted.
 
     Returns:
         The loss: a scalar, or input's batch shape for ``'none'``.
@@ -123,6 +130,10 @@ def linear_cross_entropy(
     upstream scalar; otherwise backward makes the logits again, block by block.
     Gradients with respect to class weights and probability targets are not supported.
     """
+    if shift:
+        return _shifted(input, linear_weight, target, shift, linear_bias=linear_bias, weight=weight,
+                        reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                        z_loss=z_loss, softcap=softcap, chunk_size=chunk_size, loss_dtype=loss_dtype)
     if dtensor.is_dtensor(linear_weight) or dtensor.is_dtensor(input):
         return dtensor.linear_cross_entropy(
             input, linear_weight, target, linear_bias=linear_bias, weight=weight, reduction=reduction,
@@ -178,6 +189,26 @@ def linear_cross_entropy(
         return objective.to(out_dtype)
     loss, lse, _mass = forward_op(*args, *options)
     return reduce_losses(loss, lse, counted, reduction, z_loss, batch_shape, out_dtype)
+
+
+def _shifted(input, linear_weight, target, shift, *, reduction: str, ignore_index, **kwargs) -> Tensor:
+    """linear_cross_entropy(shift=k): the target moved k positions left along the sequence, its tail ignored."""
+    if isinstance(shift, bool):
+        shift = int(shift)
+    if not isinstance(shift, int) or shift < 0:
+        raise checks.ArgumentError(f"shift must be a non-negative int (or a bool), got {shift!r}")
+    checks.check_tensor(target, "target")
+    checks.check_tensor(input, "input")
+    if input.dim() < 2 or target.is_floating_point() or target.shape != input.shape[:-1]:
+        raise checks.ArgumentError(
+            "shift needs input (..., T, D) with a sequence dimension and class indices of shape (..., T), "
+            f"got input {tuple(input.shape)} and target {tuple(target.shape)} ({target.dtype})"
+        )
+    fill = -100 if ignore_index is None else ignore_index
+    shifted = F.pad(target[..., shift:], (0, min(shift, target.shape[-1])), value=fill)
+    loss = linear_cross_entropy(input, linear_weight, shifted, reduction=reduction, ignore_index=ignore_index,
+                                **kwargs)
+    return loss[..., : max(target.shape[-1] - shift, 0)] if reduction == "none" else loss
 
 
 class LinearCrossEntropyLoss(nn.Module):
