@@ -22,6 +22,7 @@ from .distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cro
 from .functional import cross_entropy, entropy, focal_loss, set_target_validation
 from .linear import LinearCrossEntropyLoss, linear_cross_entropy
 from .modules import CrossEntropyLoss
+from .partial import slice_cross_entropy
 from .ops import cuda_kernels_available
 
 del torch
@@ -39,6 +40,7 @@ __all__ = [
     "linear_cross_entropy",
     "ops",
     "set_target_validation",
+    "slice_cross_entropy",
     "vocab_parallel_cross_entropy",
     "vocab_parallel_linear_cross_entropy",
 ]
