@@ -22,8 +22,8 @@ from .distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cro
 from .functional import cross_entropy, entropy, focal_loss, set_target_validation
 from .linear import LinearCrossEntropyLoss, linear_cross_entropy
 from .modules import CrossEntropyLoss
-from .partial import slice_cross_entropy
 from .ops import cuda_kernels_available
+from .partial import slice_cross_entropy
 
 del torch
 

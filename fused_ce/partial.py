@@ -95,7 +95,7 @@ def slice_cross_entropy(
         raise checks.ArgumentError(f"lse_rest must have shape {tuple(batch_shape)}, one per row, "
                                    f"got {tuple(lse_rest.shape)}")
     size = logits.shape[-1]
-    if not (isinstance(vocab_start, int) and isinstance(vocab_total, int) and 0 <= vocab_start
+    if not (isinstance(vocab_start, int) and isinstance(vocab_total, int) and vocab_start >= 0
             and vocab_start + size <= vocab_total):
         raise checks.ArgumentError(f"the slice [vocab_start, vocab_start + {size}) must lie within "
                                    f"[0, vocab_total), got vocab_start={vocab_start!r}, vocab_total={vocab_total!r}")
