@@ -49,7 +49,7 @@ from torch import nn
 
 import fused_ce
 from fused_ce._progress import Progress
-from fused_ce.bench import measure_peak_mb
+from fused_ce.memory import measure_peak_mb
 
 VARIANTS = ("torch", "fused_ce")
 COLORS = {"torch": "#4C72B0", "fused_ce": "#DD8452"}

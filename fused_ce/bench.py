@@ -110,7 +110,6 @@ A builder raises :class:`ImplUnavailable` for a case it cannot run.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import gc
 import json
@@ -128,6 +127,7 @@ from torch import Tensor
 
 import fused_ce
 from fused_ce._progress import Progress
+from fused_ce.memory import measure_peak_mb
 
 PASSES = ("fwd", "fwd+bwd")
 MIB = 2**20
@@ -546,58 +546,6 @@ def _timed_round(
         torch.cuda.synchronize(device)
         out.update({name: start.elapsed_time(end) for name, (start, end) in events.items()})
     return out
-
-
-def measure_peak_mb(run: Callable[[], None], device: torch.device) -> float | None:
-    """The extra peak memory of ``run()`` beyond what was allocated before it, in MiB."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        run()
-        torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - before) / MIB
-    return _peak_rss_mb(run)
-
-
-_CLEAR_REFS = Path("/proc/self/clear_refs")
-_STATUS = Path("/proc/self/status")
-
-
-def _peak_rss_mb(run: Callable[[], None]) -> float | None:
-    """Linux: the peak resident set size of ``run()`` over the resident set size before it.
-
-    Writing "5" to /proc/self/clear_refs resets the high-water mark ``VmHWM`` to the
-    current RSS. This sees the memory an implementation touches and gives back: CPU
-    torch allocates large buffers with mmap and frees them with munmap. Smaller ones
-    (up to 32 MB, once glibc's dynamic mmap threshold has grown) come from the heap,
-    whose freed pages would stay resident and hide a second call's use of them:
-    ``malloc_trim`` returns them to the system first. Elsewhere: None.
-    """
-    gc.collect()
-    _malloc_trim()
-    try:
-        _CLEAR_REFS.write_text("5")
-        before = _status_kb("VmRSS")
-    except (OSError, KeyError, ValueError):
-        return None
-    run()
-    return (_status_kb("VmHWM") - before) * 1024 / MIB
-
-
-def _malloc_trim() -> None:
-    """glibc: give the heap's free pages back to the system (no-op elsewhere)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _status_kb(field: str) -> int:
-    for line in _STATUS.read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])  # "VmHWM:   123456 kB"
-    raise KeyError(field)
 
 
 def measure_copy_gbps(device: torch.device, nbytes: int = COPY_BYTES, reps: int = 10) -> float | None:
