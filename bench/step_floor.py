@@ -1,6 +1,6 @@
 """How fast could the ``--step`` training step be with a loss that costs nothing?
 
-The step of ``python -m fused_ce.bench --step`` is ``loss_fn(h @ W.T, target)`` and its
+The step of ``python bench/run.py --step`` is ``loss_fn(h @ W.T, target)`` and its
 backward. Its matmuls -- ``h @ W.T`` forward, ``G @ W`` and ``G.T @ h`` backward -- are
 the same whatever the loss, so they bound the speed-up any loss can give the step:
 ``eager step / matmuls only``. This script times, interleaved in one process (median
