@@ -123,6 +123,7 @@ class Result:
     peak_mem_mb: float | None = None
     grad_mb: float | None = None  # the gradients the call left in .grad (part of peak_mem_mb)
     loss: float | None = None  # the loss of the untimed call
+    fresh_input_copy: bool = False  # the implementation overwrites its inputs: each call got a copy
     skipped: str | None = None
 
     @property
@@ -170,6 +171,8 @@ class Result:
             row.update(tflops=_round(self.tflops, 3), workspace_mb=_round(self.workspace_mb, 1))
         if self.case.step:
             row.update(beyond_logits_mb=_round(self.beyond_logits_mb, 1))
+        if self.fresh_input_copy:
+            row.update(fresh_input_copy=True)
         return row
 
     def skip_record(self) -> dict:

@@ -2,7 +2,8 @@
 
 A builder turns a :class:`cases.Case` into a loss function -- ``(logits, target) ->
 loss`` for ``cross_entropy``, ``(x, W, target) -> loss`` for ``--linear``, ``(h, W,
-target) -> loss of h @ W.T`` for ``--step``. It raises :class:`ImplUnavailable` for a case it cannot run, e.g. for a new
+target) -> loss of h @ W.T`` for ``--step`` -- or into an :class:`Impl` that says more
+about it. It raises :class:`ImplUnavailable` for a case it cannot run, e.g. for a new
 flag of fused_ce::
 
     @register_impl("fused_ce.inplace")
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,14 +35,31 @@ EXTRAS = {"label_smoothing": 0.1, "z_loss": 1e-4, "softcap": 30.0}
 LossFn = Callable[..., Tensor]
 
 
+@dataclass(frozen=True)
+class Impl:
+    """A loss function, and whether each call needs a fresh copy of its inputs.
+
+    ``fresh_input_copy``: the function overwrites its inputs (Liger-Kernel writes the
+    gradient into the logits): every call gets a copy, made outside the timed region.
+    """
+
+    fn: LossFn
+    fresh_input_copy: bool = False
+
+
 class ImplUnavailable(Exception):
     """Raised by an implementation's builder for a case it cannot run; the message says why."""
 
 
-ImplBuilder = Callable[[Case], LossFn]
+ImplBuilder = Callable[[Case], "LossFn | Impl"]
 IMPLS: dict[str, ImplBuilder] = {}
 LINEAR_IMPLS: dict[str, ImplBuilder] = {}  # --linear: builders of (x, W, target) -> loss
 STEP_IMPLS: dict[str, ImplBuilder] = {}  # --step: builders of (h, W, target) -> loss of h @ W.T
+
+FRESH_COPY_NOTE = (
+    "overwrites its input with the gradient: each call got a fresh copy of the inputs, "
+    "made outside the timed region (not in ms; peak MB is beyond the copy)"
+)
 
 
 def register_impl(name: str, registry: dict[str, ImplBuilder] = IMPLS) -> Callable[[ImplBuilder], ImplBuilder]:
@@ -67,16 +86,18 @@ def extras(case: Case) -> dict[str, float]:
     return dict(EXTRAS) if case.extras else {}
 
 
-def build_impls(case: Case, names: Sequence[str]) -> tuple[dict[str, LossFn], dict[str, str]]:
-    """The loss functions of the named implementations for ``case``, and why the others are unavailable."""
+def build_impls(case: Case, names: Sequence[str]) -> tuple[dict[str, Impl], dict[str, str]]:
+    """The named implementations for ``case``, and why the others are unavailable."""
     builders = registry(case.op)
-    fns, unavailable = {}, {}
+    built, unavailable = {}, {}
     for name in names:
         try:
-            fns[name] = builders[name](case)
+            impl = builders[name](case)
         except Exception as e:  # ImplUnavailable, or a builder that failed
             unavailable[name] = reason(e)
-    return fns, unavailable
+        else:
+            built[name] = impl if isinstance(impl, Impl) else Impl(impl)
+    return built, unavailable
 
 
 def _require_cuda_kernels(case: Case) -> None:
@@ -166,6 +187,12 @@ def _torch(case: Case) -> LossFn:
 @register_impl("torch.compile")
 def _torch_compile(case: Case) -> LossFn:
     return _compiled(torch_loss(extras(case)))
+
+
+@register_impl("liger")
+def _liger(case: Case) -> Impl:
+    loss = _liger_loss(case, "LigerCrossEntropyLoss", "liger_kernel.transformers.cross_entropy")
+    return Impl(lambda logits, target: loss(logits, target), fresh_input_copy=True)
 
 
 # --------------------------------------------------------------------------- --step

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import harness
 from cases import Result
-from impls import EXTRAS
+from impls import EXTRAS, FRESH_COPY_NOTE
 
 
 def collect_meta(args, results: list[Result], copy_gbps: float | None) -> dict:
@@ -43,7 +43,7 @@ def format_header(meta: dict) -> str:
 
 
 def format_table(results: list[Result], copy_gbps: float | None) -> str:
-    """A plain-text table, one row per result; skipped ones are footnoted below it."""
+    """A plain-text table, one row per result; skipped ones and input copies are footnoted below it."""
     linear = any(r.case.linear for r in results)
     step = any(r.case.step for r in results)
     if linear:
@@ -63,7 +63,8 @@ def format_table(results: list[Result], copy_gbps: float | None) -> str:
     rows, skip_notes = [], []
     for r in results:
         shape = [str(r.case.n), str(r.case.d), str(r.case.v)] if linear or step else [str(r.case.n), str(r.case.v)]
-        cells = [r.pass_, r.impl, *shape, r.case.dtype_name]
+        impl = f"{r.impl} [*]" if r.fresh_input_copy and r.skipped is None else r.impl
+        cells = [r.pass_, impl, *shape, r.case.dtype_name]
         if r.skipped is not None:
             skip_notes.append(f"[{len(skip_notes) + 1}] {r.pass_} {r.impl} {r.case.label}: {r.skipped}")
             cells += [f"skipped [{len(skip_notes)}]"] + [""] * (len(headers) - len(cells) - 1)
@@ -84,8 +85,10 @@ def format_table(results: list[Result], copy_gbps: float | None) -> str:
                 reference = reference_ms.get((r.case, r.pass_, baseline))
                 cells.append(f"{reference / r.ms:.2f}x" if reference else "-")
         rows.append(cells)
+    copied = sorted({r.impl for r in results if r.fresh_input_copy and r.skipped is None})
+    notes = [f"[*] {impl} {FRESH_COPY_NOTE}" for impl in copied] + skip_notes
     groups = [(r.case, r.pass_) for r in results]
-    return harness.format_table(headers, rows, left={"pass", "impl", "dtype"}, groups=groups, notes=skip_notes)
+    return harness.format_table(headers, rows, left={"pass", "impl", "dtype"}, groups=groups, notes=notes)
 
 
 def _mb(value: float | None) -> str:
@@ -112,7 +115,7 @@ def write_plots(directory: str, meta: dict, results: list[Result]) -> list[Path]
     ran = [r for r in results if r.skipped is None]
     dtype = ran[0].case.dtype_name if ran else ""
     n = ran[0].case.n if ran else 0
-    colors = {"fused_ce": "tab:blue", "torch": "tab:red", "torch.compile": "tab:orange"}
+    colors = {"fused_ce": "tab:blue", "torch": "tab:red", "torch.compile": "tab:orange", "liger": "tab:green"}
     paths = []
     for metric, label, filename in [
         ("ms", "median time per call (ms)", "time_vs_vocab.png"),

@@ -28,7 +28,7 @@ import harness
 import report
 from cases import DEFAULTS, LINEAR_DEFAULTS, LINEAR_QUICK, QUICK, STEP_DEFAULTS, STEP_QUICK, Case, Result, make_cases
 from fused_ce.memory import MIB, measure_peak_mb
-from impls import EXTRAS, IMPLS, LINEAR_IMPLS, LossFn, build_impls, registry
+from impls import EXTRAS, IMPLS, LINEAR_IMPLS, Impl, build_impls, registry
 
 PASSES = ("fwd", "fwd+bwd")
 
@@ -44,44 +44,53 @@ def _differentiable(inputs: Sequence[Tensor]) -> list[Tensor]:
 class _ImplCalls:
     """An implementation's calls in one pass, as users make them: the loss under no_grad, or with backward().
 
-    Untimed after each call, the gradients are dropped (so every call allocates its
-    own, as a training step does).
+    Untimed around each call: a fresh copy of the inputs first for an implementation
+    that overwrites them, and afterwards the gradients are dropped (so every call
+    allocates its own, as a training step does).
     """
 
-    def __init__(self, fn: LossFn, inputs: Sequence[Tensor], backward: bool) -> None:
-        self.fn, self.inputs, self.backward = fn, tuple(inputs), backward
+    def __init__(self, impl: Impl, inputs: Sequence[Tensor], backward: bool) -> None:
+        self.impl, self.inputs, self.backward = impl, tuple(inputs), backward
+        self.args = self.inputs
         self.loss: Tensor | None = None
+
+    def before(self) -> None:
+        if self.impl.fresh_input_copy:
+            copied = {id(t) for t in _differentiable(self.inputs)}
+            self.args = tuple(
+                t.detach().clone().requires_grad_(t.requires_grad) if id(t) in copied else t for t in self.inputs
+            )
 
     def run(self) -> None:
         if self.backward:
-            loss = self.fn(*self.inputs)
+            loss = self.impl.fn(*self.args)
             loss.backward()
             self.loss = loss.detach()
         else:
             with torch.no_grad():
-                self.loss = self.fn(*self.inputs)
+                self.loss = self.impl.fn(*self.args)
 
     def after(self) -> None:
-        for t in _differentiable(self.inputs):
+        for t in _differentiable(self.args):
             t.grad = None
-        self.loss = None
+        self.args, self.loss = self.inputs, None
 
     def grad_mb(self) -> float:
-        return sum(t.grad.nbytes for t in _differentiable(self.inputs) if t.grad is not None) / MIB
+        return sum(t.grad.nbytes for t in _differentiable(self.args) if t.grad is not None) / MIB
 
     def timed(self) -> harness.Timed:
-        return harness.Timed(self.run, after=self.after)
+        return harness.Timed(self.run, before=self.before, after=self.after)
 
 
 def bench_pass(
-    case: Case, pass_: str, impls: dict[str, LossFn], inputs: Sequence[Tensor], args, bar
+    case: Case, pass_: str, impls: dict[str, Impl], inputs: Sequence[Tensor], args, bar
 ) -> dict[str, Result]:
     """Warm-up, interleaved timed reps, then one untimed call per implementation for its peak memory and loss."""
     backward = pass_ == "fwd+bwd"
     for t in _differentiable(inputs):
         t.requires_grad_(backward)
-    calls = {name: _ImplCalls(fn, inputs, backward) for name, fn in impls.items()}
-    results = {name: Result(case, pass_, name) for name in impls}
+    calls = {name: _ImplCalls(impl, inputs, backward) for name, impl in impls.items()}
+    results = {name: Result(case, pass_, name, fresh_input_copy=impl.fresh_input_copy) for name, impl in impls.items()}
     label = f"{pass_} {case.label}"
     timed = harness.time_interleaved(
         {name: call.timed() for name, call in calls.items()},
@@ -100,6 +109,7 @@ def bench_pass(
             continue
         result.ms = statistics.median(times)
         try:
+            call.before()
             result.peak_mem_mb = measure_peak_mb(call.run, case.device)
             result.grad_mb = call.grad_mb()
             result.loss = float(call.loss)

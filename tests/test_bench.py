@@ -92,6 +92,35 @@ def test_extras_recorded_only_when_received(tmp_path):
     assert doc["rows"] == [] and doc["meta"]["extras"] is None
 
 
+def test_fresh_input_copy(tmp_path, capsys, monkeypatch):
+    # An implementation that overwrites its input (as Liger-Kernel writes the gradient
+    # into the logits) gets a fresh copy before each call: it and the implementation
+    # after it see the original logits every time.
+    def overwrites_input(case):
+        def loss_fn(logits, target):
+            loss = F.cross_entropy(logits, target)
+            logits.detach().zero_()
+            return loss
+
+        return impls.Impl(loss_fn, fresh_input_copy=True)
+
+    monkeypatch.setitem(impls.IMPLS, "overwrites", overwrites_input)
+    doc = _run(tmp_path, "--impls", "overwrites,torch")
+    logits, target = _quick_case("cross_entropy").make_inputs()
+    expected = float(F.cross_entropy(logits, target))
+    assert len(doc["rows"]) == 4
+    for row in doc["rows"]:
+        assert row["loss"] == pytest.approx(expected, rel=1e-5), row
+        assert row.get("fresh_input_copy", False) == (row["impl"] == "overwrites")
+    assert f"[*] overwrites {impls.FRESH_COPY_NOTE}" in capsys.readouterr().out
+
+
+def test_liger_skipped_with_reason():
+    built, unavailable = impls.build_impls(_quick_case("cross_entropy"), ["liger", "torch"])
+    assert set(built) == {"torch"}
+    assert "CUDA" in unavailable["liger"] or "not importable" in unavailable["liger"]
+
+
 def test_time_interleaved():
     calls = []
 
