@@ -183,3 +183,10 @@ def test_step_floor(capsys):
     out = capsys.readouterr().out
     assert "matmuls only" in out and "the most a loss" in out
 
+
+def test_kernel_times(capsys):
+    import kernel_times
+
+    kernel_times.main(["--device", "cpu", "--shape", "64x512", "--reps", "1", "--warmup", "0"])
+    out = capsys.readouterr().out
+    assert "fused kernel" in out and "cross_entropy + backward()" in out and "failed" not in out
