@@ -4,11 +4,12 @@
 
 Each rank holds a contiguous 1/P of the classes of the same float32 logits (a leaf)
 and runs ``vocab_parallel_cross_entropy`` + ``backward()``; rank 0 reports the median
-wall time of a call (the ranks start each call together, after a barrier) and the
-bytes of the one collective (an all_gather of the per-row statistics: 3N float32 per
-rank). The same logits then go through ``fused_ce.cross_entropy`` and
-``F.cross_entropy`` in one process (with all the machine's threads), for comparison.
-Each rank uses ``threads / P`` threads, so the machine is shared alike.
+wall time of a call (``harness.time_interleaved``; the ranks start each call together,
+after an untimed barrier) and the bytes of the one collective (an all_gather of the
+per-row statistics: 3N float32 per rank). The same logits then go through
+``fused_ce.cross_entropy`` and ``F.cross_entropy`` in one process (with all the
+machine's threads, the two interleaved), for comparison. Each rank uses
+``threads / P`` threads, so the machine is shared alike.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import torch
 import torch.distributed as dist
@@ -24,17 +24,18 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import fused_ce
+import harness
+
+CPU = torch.device("cpu")
 
 
-def _median_ms(fn, reps: int, sync=lambda: None) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        sync()
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+def _median_ms(fns: dict, reps: int) -> dict[str, float]:
+    """The median time of each function (``harness.time_interleaved``, one warm-up call)."""
+    times = harness.time_interleaved(fns, reps=reps, warmup=1, device=CPU)
+    failed = {name: why for name, why in times.items() if isinstance(why, str)}
+    if failed:
+        raise RuntimeError(f"failed: {failed}")
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _problem(n: int, v: int):
@@ -51,11 +52,16 @@ def _rank(rank: int, world: int, port: int, n: int, v: int, reps: int, threads: 
     start = sum(sizes[:rank])
     shard = logits[:, start : start + sizes[rank]].contiguous().requires_grad_()
 
-    def call():
+    def drop_grad():
         shard.grad = None
-        fused_ce.vocab_parallel_cross_entropy(shard, target, vocab_sizes=sizes).backward()
 
-    ms = _median_ms(call, reps, sync=dist.barrier)
+    # The ranks start each call together: a barrier before it, outside the timed region.
+    call = harness.Timed(
+        lambda: fused_ce.vocab_parallel_cross_entropy(shard, target, vocab_sizes=sizes).backward(),
+        before=dist.barrier,
+        after=drop_grad,
+    )
+    ms = _median_ms({"vocab_parallel": call}, reps)["vocab_parallel"]
     loss = fused_ce.vocab_parallel_cross_entropy(shard.detach(), target, vocab_sizes=sizes)
     if rank == 0:
         out.put((ms, float(loss)))
@@ -65,11 +71,11 @@ def _rank(rank: int, world: int, port: int, n: int, v: int, reps: int, threads: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--shape", default="4096x32000")
+    parser.add_argument("--shape", type=harness.shape_type("NxV", "4096x32000"), default=(4096, 32000))
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--port", type=int, default=29517)
     args = parser.parse_args()
-    n, v = (int(s) for s in args.shape.split("x"))
+    n, v = args.shape
     threads = torch.get_num_threads()
     per_rank = max(1, threads // args.ranks)
     queue = mp.get_context("spawn").SimpleQueue()
@@ -79,15 +85,14 @@ def main() -> None:
     logits, target = _problem(n, v)
     x = logits.clone().requires_grad_()
 
+    def drop_grad():
+        x.grad = None
+
     def single(fn):
-        def call():
-            x.grad = None
-            fn(x, target).backward()
+        return harness.Timed(lambda: fn(x, target).backward(), after=drop_grad)
 
-        return _median_ms(call, args.reps)
-
-    one_fused = single(fused_ce.cross_entropy)
-    one_torch = single(F.cross_entropy)
+    one = _median_ms({"fused_ce": single(fused_ce.cross_entropy), "torch": single(F.cross_entropy)}, args.reps)
+    one_fused, one_torch = one["fused_ce"], one["torch"]
     expected = float(F.cross_entropy(logits, target))
     print(f"{n}x{v} float32, forward+backward, median of {args.reps}; {threads} threads on this machine")
     print(f"  {args.ranks} gloo ranks x {per_rank} threads, vocab_parallel_cross_entropy: {ms:8.1f} ms"

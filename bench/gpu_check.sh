@@ -106,7 +106,7 @@ step tests 180 "$PY" -m pytest tests -q -k "$TEST_FILTER" --slow --ignore=tests/
 # 4. The benchmark, with its JSON.
 QUICK=()
 [ "$DRY_RUN" = 1 ] && QUICK=(--quick)
-step bench 150 "$PY" -m fused_ce.bench --json "$OUT/bench.json" --no-progress "${QUICK[@]}"
+step bench 150 "$PY" bench/run.py --json "$OUT/bench.json" --no-progress "${QUICK[@]}"
 
 # 5. Each op's time against a copy of the logits (where the time of a training call goes).
 #    Also with 1024 threads per row (one row per SM: do the fused kernel's rows stay in L2?).
@@ -130,9 +130,9 @@ else
 fi
 
 # 7. The other benchmarks.
-step bench-step 60 "$PY" -m fused_ce.bench --step --json "$OUT/bench_step.json" --no-progress "${QUICK[@]}"
-step bench-plot 90 "$PY" -m fused_ce.bench --plot "$OUT" --json "$OUT/bench_plot.json" --no-progress "${QUICK[@]}"
-step bench-linear 90 "$PY" -m fused_ce.bench --linear --json "$OUT/bench_linear.json" --no-progress "${QUICK[@]}"
+step bench-step 60 "$PY" bench/run.py --step --json "$OUT/bench_step.json" --no-progress "${QUICK[@]}"
+step bench-plot 90 "$PY" bench/run.py --plot "$OUT" --json "$OUT/bench_plot.json" --no-progress "${QUICK[@]}"
+step bench-linear 90 "$PY" bench/run.py --linear --json "$OUT/bench_linear.json" --no-progress "${QUICK[@]}"
 
 if [ ${#failed[@]} -gt 0 ]; then
   say "FAILED: ${failed[*]}"

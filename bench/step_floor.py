@@ -1,10 +1,10 @@
 """How fast could the ``--step`` training step be with a loss that costs nothing?
 
-The step of ``python -m fused_ce.bench --step`` is ``loss_fn(h @ W.T, target)`` and its
+The step of ``python bench/run.py --step`` is ``loss_fn(h @ W.T, target)`` and its
 backward. Its matmuls -- ``h @ W.T`` forward, ``G @ W`` and ``G.T @ h`` backward -- are
 the same whatever the loss, so they bound the speed-up any loss can give the step:
-``eager step / matmuls only``. This script times, interleaved in one process (median
-of ``--reps``):
+``eager step / matmuls only``. This script times, interleaved in one process
+(``harness.time_interleaved``, median of ``--reps``):
 
 * ``torch``: the step with ``F.cross_entropy``;
 * ``fused_ce.inplace``: the step with ``fused_ce.cross_entropy(..., inplace_backward=True)``;
@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 import fused_ce
+import harness
 
 
 class _FreeLoss(torch.autograd.Function):
@@ -47,24 +48,23 @@ class _FreeLoss(torch.autograd.Function):
         return grad
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="4096x8x32000", help="N x D x V")
+    parser.add_argument("--shape", type=harness.shape_type("NxDxV", "4096x8x32000"), default=(4096, 8, 32000))
     parser.add_argument("--reps", type=int, default=7)
     args = parser.parse_args(argv)
-    n, d, v = (int(s) for s in args.shape.split("x"))
+    n, d, v = args.shape
     torch.manual_seed(0)
     h = torch.randn(n, d, requires_grad=True)
     w = torch.randn(v, d, requires_grad=True)
     target = torch.randint(0, v, (n,))
     grad = torch.randn(n, v) / (n * v)
 
-    def step(loss_fn):
-        def run():
-            h.grad = w.grad = None
-            loss_fn(h @ w.T).backward()
+    def drop_grads():
+        h.grad = w.grad = None
 
-        return run
+    def step(loss_fn):
+        return harness.Timed(lambda: loss_fn(h @ w.T).backward(), after=drop_grads)
 
     hd, wd = h.detach(), w.detach()
     runs = {
@@ -76,19 +76,14 @@ def main(argv: list[str] | None = None) -> None:
         "  G.T @ h (as autograd: W.T's layout)": lambda: grad.t().mm(hd).t(),
         "  (h.T @ G).T (same product)": lambda: hd.t().mm(grad).t(),
     }
-    times = {name: [] for name in runs}
-    for name, run in runs.items():  # warm-up
-        run()
-    for _ in range(args.reps):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    median = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    times = harness.time_interleaved(runs, reps=args.reps, warmup=1, device=torch.device("cpu"))
+    failed = {name: why for name, why in times.items() if isinstance(why, str)}
+    if failed:
+        raise SystemExit(f"failed: {failed}")
+    median = {name: statistics.median(t) for name, t in times.items()}
     print(f"N x D x V = {n} x {d} x {v} fp32, {torch.get_num_threads()} threads, median of {args.reps} interleaved")
     for name, ms in median.items():
-        low, high = min(times[name]) * 1e3, max(times[name]) * 1e3
-        print(f"  {name:40s} {ms:8.1f} ms  ({low:.1f}-{high:.1f})")
+        print(f"  {name:40s} {ms:8.1f} ms  ({min(times[name]):.1f}-{max(times[name]):.1f})")
     print(f"torch / fused_ce.inplace:  {median['torch'] / median['fused_ce.inplace']:.2f}x")
     print(f"torch / matmuls only:      {median['torch'] / median['matmuls only']:.2f}x "
           "(about the most a loss with a contiguous [N, V] gradient could give this step)")

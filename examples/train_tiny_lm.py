@@ -26,7 +26,7 @@ and the peak memory above what was held before the step (CPU: the peak RSS after
 ``torch.cuda.max_memory_allocated``). It prints the figures and draws a 3-panel PNG
 (``--out``): the loss curves, peak memory and step time.
 
-Needs torch, fused_ce and matplotlib only.
+Needs torch, fused_ce, matplotlib and tqdm only.
 """
 
 from __future__ import annotations
@@ -46,10 +46,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 import fused_ce
-from fused_ce._progress import Progress
-from fused_ce.bench import measure_peak_mb
+from fused_ce.memory import measure_peak_mb
 
 VARIANTS = ("torch", "fused_ce")
 COLORS = {"torch": "#4C72B0", "fused_ce": "#DD8452"}
@@ -223,7 +223,8 @@ def train(args) -> dict:
         peak = measure_peak_mb(timed, device)
         return result["loss"], result["elapsed"], peak
 
-    with Progress(total=args.steps, enabled=not args.no_progress) as bar:
+    # Drawn on stderr only when it is a terminal (disable=None), erased when done.
+    with tqdm(total=args.steps, disable=True if args.no_progress else None, leave=False, dynamic_ncols=True) as bar:
         for i, (x, y) in enumerate(data):
             # In turns, in alternating order, so that both see the same machine load.
             for variant in VARIANTS if i % 2 == 0 else VARIANTS[::-1]:
@@ -231,7 +232,8 @@ def train(args) -> dict:
                 record[variant]["loss"].append(loss)
                 record[variant]["time"].append(elapsed)
                 record[variant]["memory"].append(peak)
-            bar.update(note="  ".join(f"{v} {record[v]['loss'][-1]:.3f}" for v in VARIANTS))
+            bar.set_postfix_str("  ".join(f"{v} {record[v]['loss'][-1]:.3f}" for v in VARIANTS), refresh=False)
+            bar.update()
 
     val = {}
     with torch.no_grad():

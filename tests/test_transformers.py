@@ -28,7 +28,7 @@ transformers = pytest.importorskip("transformers")
 
 import fused_ce  # noqa: E402
 import fused_ce.integrations.transformers as fused_hf  # noqa: E402
-from fused_ce.bench import measure_peak_mb  # noqa: E402
+from fused_ce.memory import measure_peak_mb  # noqa: E402
 
 VOCAB = 97
 TINY = dict(
