@@ -5,7 +5,7 @@
 #   1. build fused_ce for sm_90 only;
 #   2. bench/sanitize_cuda.py: every CUDA kernel against the CPU kernels, quickly;
 #   3. the CUDA tests (--slow included: the > 2**31-element case);
-#   4. the benchmark (python -m fused_ce.bench) with its JSON;
+#   4. the benchmark (python bench/run.py) with its JSON;
 #   5. bench/kernel_times.py: each op's time against a copy of the logits;
 #   6. compute-sanitizer memcheck and initcheck over bench/sanitize_cuda.py, racecheck
 #      over its --quick cases (racecheck is the slowest);

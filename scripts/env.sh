@@ -14,8 +14,8 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip setuptools wheel
 # The build requirements (pyproject.toml's [build-system]) first: the build runs against
-# the installed torch (--no-build-isolation), then fused_ce with the test, Hugging Face
-# and plot extras. MAX_JOBS bounds the parallel compiles.
+# the installed torch (--no-build-isolation), then fused_ce with the test, Hugging Face,
+# plot and benchmark extras. MAX_JOBS bounds the parallel compiles.
 python -m pip install -q "torch>=2.4" ninja
-MAX_JOBS=${MAX_JOBS:-$(nproc)} python -m pip install -q --no-build-isolation -e ".[test,hf,plot]"
+MAX_JOBS=${MAX_JOBS:-$(nproc)} python -m pip install -q --no-build-isolation -e ".[test,hf,plot,bench]"
 python -c 'import fused_ce, torch; print(f"fused_ce built: torch {torch.__version__}, CUDA kernels: {fused_ce.cuda_kernels_available()}, GPU visible: {torch.cuda.is_available()}")'

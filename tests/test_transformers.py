@@ -120,7 +120,7 @@ def test_same_loss_and_gradients(family):
     ids, labels = make_batch()
     stock, fused = assert_apply_keeps_loss_and_grads(model, input_ids=ids, labels=labels)
     assert type(fused) is type(stock)
-    assert fused.logits is None and "logits" not in fused.keys()
+    assert fused.logits is None and "logits" not in fused
     if family == "Mixtral":  # the auxiliary loss is still the stock model's, and added
         torch.testing.assert_close(fused.aux_loss, stock.aux_loss)
 
@@ -359,7 +359,7 @@ def test_refuses_an_unknown_forward():
                 loss = self.loss_function(logits, labels, self.config.vocab_size)
             return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
 
-    with pytest.raises(NotImplementedError, match="does not know:\nlogits = logits \\* 2.0"):
+    with pytest.raises(NotImplementedError, match=r"does not know:\nlogits = logits \* 2.0"):
         fused_hf.apply(Scaled(transformers.LlamaConfig(**TINY)))
 
 
@@ -467,7 +467,7 @@ def measure_peak(variant: str) -> dict:
     step()
     model.zero_grad(set_to_none=True)
     losses = []
-    # gc, malloc_trim, reset VmHWM, read VmRSS, run, read VmHWM (fused_ce.bench).
+    # gc, malloc_trim, reset VmHWM, read VmRSS, run, read VmHWM (fused_ce.memory).
     peak = measure_peak_mb(lambda: losses.append(step()), torch.device("cpu"))
     return {"variant": variant, "loss": losses[0], "extra_peak_mib": peak}
 
