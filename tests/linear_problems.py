@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from utils import max_error
 
 from fused_ce.linear import linear_cross_entropy
 from fused_ce.reference import cross_entropy_reference, torch_cross_entropy
+from utils import max_error
 
 REDUCTIONS = ["none", "mean", "sum"]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]

@@ -12,10 +12,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from linear_problems import make_problem
 
 import fused_ce
 from fused_ce.linear import linear_cross_entropy
+from linear_problems import make_problem
 
 forward_op = torch.ops.fused_ce.cross_entropy_forward.default
 backward_op = torch.ops.fused_ce.cross_entropy_backward.default

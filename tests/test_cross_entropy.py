@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from utils import dtype_id, max_error
 
 import fused_ce
 from fused_ce.reference import cross_entropy_reference
+from utils import dtype_id, max_error
 
 REDUCTIONS = ["none", "mean", "sum"]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]

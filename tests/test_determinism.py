@@ -13,9 +13,9 @@ import threading
 
 import pytest
 import torch
-from utils import PATHS, run_path
 
 import fused_ce
+from utils import PATHS, run_path
 
 # -- determinism ------------------------------------------------------------------------------
 

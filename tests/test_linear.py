@@ -10,6 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
+import fused_ce
+import fused_ce.linear.api
+import fused_ce.linear.loops
+import fused_ce.linear.plan
+from fused_ce.linear import LinearCrossEntropyLoss, linear_cross_entropy
 from linear_problems import (
     DTYPES,
     IGNORE,
@@ -25,12 +31,6 @@ from linear_problems import (
     reference_loss_and_grads,
 )
 from utils import dtype_id, max_error
-
-import fused_ce
-import fused_ce.linear.api
-import fused_ce.linear.loops
-import fused_ce.linear.plan
-from fused_ce.linear import LinearCrossEntropyLoss, linear_cross_entropy
 
 # -- parity grid ---------------------------------------------------------------------------
 

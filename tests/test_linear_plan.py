@@ -6,16 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
+from fused_ce.linear import chunk_plan, linear_cross_entropy
+from fused_ce.linear.loops import Head, fused_objective_and_gradients, shard_gradients, shard_statistics
+from fused_ce.linear.plan import ALL_ROWS, CHUNK_ENV
 from linear_problems import (
     IGNORE,
     composed_loss,
     make_problem,
 )
 from utils import dtype_id
-
-from fused_ce.linear import chunk_plan, linear_cross_entropy
-from fused_ce.linear.loops import Head, fused_objective_and_gradients, shard_gradients, shard_statistics
-from fused_ce.linear.plan import ALL_ROWS, CHUNK_ENV
 
 # -- the shard-level loops (fused_ce/distributed.py builds on them) ----------------------------
 

@@ -13,9 +13,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from utils import PATHS, assert_same_as_torch, run_path
 
 import fused_ce
+from utils import PATHS, assert_same_as_torch, run_path
 
 # -- non-finite logits ------------------------------------------------------------------------
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from utils import dtype_id
 
 import fused_ce
 from fused_ce.reference import cross_entropy_reference
+from utils import dtype_id
 
 forward_op = torch.ops.fused_ce.cross_entropy_forward.default
 backward_op = torch.ops.fused_ce.cross_entropy_backward.default

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from utils import run_path
 
 import fused_ce
 from fused_ce.reference import cross_entropy_reference
+from utils import run_path
 
 # -- precision: float16 / bfloat16 against float64, case by case -------------------------------
 

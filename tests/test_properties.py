@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from utils import max_error
 
 import fused_ce
 from fused_ce.reference import cross_entropy_reference, torch_cross_entropy
+from utils import max_error
 
 _BUDGET = os.environ.get("FUSED_CE_HYPOTHESIS_EXAMPLES", "").strip()
 

@@ -16,10 +16,10 @@ import torch
 import torch.distributed as dist
 from hypothesis import given
 from hypothesis import strategies as st
-from test_properties import DEVICES, LOW_PRECISION, _examples, _view, assert_close64, materialize, problems
 
 import fused_ce
 from fused_ce.reference import entropy_reference, focal_loss_reference
+from test_properties import DEVICES, LOW_PRECISION, _examples, _view, assert_close64, materialize, problems
 
 
 def _index_problems(**kwargs):
