@@ -117,6 +117,10 @@ CPU_ISAS = {
 }
 
 
+# The CPU kernel files compiled once per instruction set (csrc/cpu/<name>.cpp).
+CPU_KERNEL_SOURCES = ("kernels", "distill")
+
+
 class BuildWithCpuIsas(BuildExtension):
     """torch's BuildExtension, plus the CPU kernels compiled once per instruction set.
 
@@ -138,16 +142,20 @@ class BuildWithCpuIsas(BuildExtension):
             # The same source, compiled under another name per ISA so the objects differ.
             src_dir = os.path.join(self.build_temp, "isa_sources")
             os.makedirs(src_dir, exist_ok=True)
-            src = os.path.join(src_dir, f"kernels_{isa.lower()}.cpp")
-            text = f'#include "{os.path.join(ROOT, "csrc", "cpu", "kernels.cpp")}"\n'
-            if not os.path.exists(src) or pathlib.Path(src).read_text() != text:
-                pathlib.Path(src).write_text(text)
+            sources = []
+            for name in CPU_KERNEL_SOURCES:
+                src = os.path.join(src_dir, f"{name}_{isa.lower()}.cpp")
+                text = f'#include "{os.path.join(ROOT, "csrc", "cpu", name + ".cpp")}"\n'
+                if not os.path.exists(src) or pathlib.Path(src).read_text() != text:
+                    pathlib.Path(src).write_text(text)
+                sources.append(src)
             objects = self.compiler.compile(
-                [src],
+                sources,
                 output_dir=out_dir,
                 include_dirs=ext.include_dirs,
                 extra_postargs={"cxx": flags, "nvcc": []},
-                depends=glob.glob(os.path.join(ROOT, "csrc", "**", "*.h"), recursive=True),
+                depends=glob.glob(os.path.join(ROOT, "csrc", "**", "*.h"), recursive=True)
+                + [os.path.join(ROOT, "csrc", "cpu", name + ".cpp") for name in CPU_KERNEL_SOURCES],
             )
             ext.extra_objects.extend(objects)
         super().build_extension(ext)

@@ -36,6 +36,12 @@ LINEAR_QUICK = {"shapes": [(256, 64, 4096)], "reps": 3, "warmup": 1}
 STEP_DEFAULTS = {"cpu": {"shapes": [(4096, 8, 32000)]}, "cuda": {"shapes": [(16384, 8, 128256)]}}
 STEP_QUICK = {"shapes": [(256, 8, 4096)], "reps": 3, "warmup": 1}
 
+# --distill: the shapes (N, V) and dtypes by default.
+DISTILL_DEFAULTS = {
+    "cpu": {"shapes": [(4096, 32000)], "dtypes": [torch.float32]},
+    "cuda": {"shapes": [(8192, 128256)], "dtypes": [torch.bfloat16]},
+}
+
 # --plot: N and the vocabulary sizes of the sweep, and the dtype.
 PLOT_SWEEP = {
     "cpu": {"n": 2048, "vocab": [4096, 8192, 16384, 32000, 65536, 131072], "dtypes": [torch.float32]},
@@ -48,7 +54,7 @@ PLOT_QUICK = {"n": 128, "vocab": [512, 2048], "dtypes": [torch.float32]}
 class Case:
     """One block of the table: an op on one shape and dtype, timed for each pass."""
 
-    op: str  # "cross_entropy", "linear_cross_entropy" (--linear) or "training_step" (--step)
+    op: str  # "cross_entropy", "linear_cross_entropy" (--linear), "training_step" (--step), "distillation"
     n: int
     v: int
     dtype: torch.dtype
@@ -64,6 +70,11 @@ class Case:
     def step(self) -> bool:
         """A training step: logits = h @ W.T, then the loss (``--step``)."""
         return self.op == "training_step"
+
+    @property
+    def distill(self) -> bool:
+        """Student logits against a teacher's (``--distill``)."""
+        return self.op == "distillation"
 
     @property
     def has_d(self) -> bool:
@@ -82,7 +93,8 @@ class Case:
         """The op's memory traffic floor: read the logits once, and write the gradient once (None with D)."""
         if self.has_d:
             return None
-        passes_over_logits = 1 if pass_ == "fwd" else 2
+        # Distillation reads two rows (student and teacher), and writes the student's gradient.
+        passes_over_logits = (1 if pass_ == "fwd" else 2) + (1 if self.distill else 0)
         return passes_over_logits * self.n * self.v * self.dtype.itemsize
 
     def counted_flops(self, pass_: str) -> int | None:
@@ -109,6 +121,9 @@ class Case:
             return x, w, target
         logits = torch.randn(self.n, self.v, dtype=self.dtype, device=self.device, generator=generator)
         target = torch.randint(0, self.v, (self.n,), device=self.device, generator=generator)
+        if self.distill:  # student (a leaf), teacher, labels
+            teacher = torch.randn(self.n, self.v, dtype=self.dtype, device=self.device, generator=generator)
+            return logits, teacher.mul_(2), target
         return logits, target
 
 
@@ -195,6 +210,8 @@ def make_cases(args) -> list[Case]:
             for v in sweep["vocab"]
             for dtype in dtypes
         ]
+    if args.distill:
+        return [Case("distillation", n, v, t, args.device) for n, v in args.shapes for t in args.dtypes]
     if args.linear or args.step:
         op = "linear_cross_entropy" if args.linear else "training_step"
         return [Case(op, n, v, t, args.device, d=d, extras=extras) for n, d, v in args.shapes for t in args.dtypes]

@@ -55,6 +55,7 @@ ImplBuilder = Callable[[Case], "LossFn | Impl"]
 IMPLS: dict[str, ImplBuilder] = {}
 LINEAR_IMPLS: dict[str, ImplBuilder] = {}  # --linear: builders of (x, W, target) -> loss
 STEP_IMPLS: dict[str, ImplBuilder] = {}  # --step: builders of (h, W, target) -> loss of h @ W.T
+DISTILL_IMPLS: dict[str, ImplBuilder] = {}  # --distill: builders of (student, teacher, labels) -> loss
 
 FRESH_COPY_NOTE = (
     "overwrites its input with the gradient: each call got a fresh copy of the inputs, "
@@ -78,7 +79,9 @@ def register_linear_impl(name: str) -> Callable[[ImplBuilder], ImplBuilder]:
 
 
 def registry(op: str) -> dict[str, ImplBuilder]:
-    return {"linear_cross_entropy": LINEAR_IMPLS, "training_step": STEP_IMPLS}.get(op, IMPLS)
+    return {"linear_cross_entropy": LINEAR_IMPLS, "training_step": STEP_IMPLS, "distillation": DISTILL_IMPLS}.get(
+        op, IMPLS
+    )
 
 
 def extras(case: Case) -> dict[str, float]:
@@ -264,3 +267,27 @@ def _linear_cce(case: Case) -> LossFn:
         raise ImplUnavailable(f"cut-cross-entropy is not importable ({e})") from None
     _refuse_extras(case, "cut-cross-entropy's linear_cross_entropy", "label_smoothing/z_loss")
     return lambda x, w, target: cce_linear_cross_entropy(x, w, target)
+
+
+# --------------------------------------------------------------------------- --distill
+# The forward KL, KL(teacher || student), averaged over rows; the teacher gets no gradient.
+
+
+@register_impl("fused_ce", DISTILL_IMPLS)
+def _distill_fused_ce(case: Case) -> LossFn:
+    return lambda s, t, _labels: fused_ce.distillation_loss(s, t.detach(), reduction="batchmean")
+
+
+def _distill_torch_fn(s: Tensor, t: Tensor, _labels: Tensor) -> Tensor:
+    return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t.detach(), -1), log_target=True, reduction="batchmean")
+
+
+@register_impl("torch", DISTILL_IMPLS)
+def _distill_torch(case: Case) -> LossFn:
+    return _distill_torch_fn
+
+
+@register_impl("torch.compile", DISTILL_IMPLS)
+def _distill_torch_compile(case: Case) -> LossFn:
+    return _compiled(_distill_torch_fn)
+

@@ -22,6 +22,7 @@ def collect_meta(args, results: list[Result], copy_gbps: float | None) -> dict:
         "warmup": args.warmup,
         "linear": args.linear,
         "step": args.step,
+        "distill": args.distill,
         # Every row that ran received the extras; an implementation that cannot take
         # them is in "skipped", with the reason.
         "extras": dict(EXTRAS) if received_extras else None,
@@ -38,6 +39,11 @@ def format_header(meta: dict) -> str:
         )
     if meta.get("step"):
         counted = "a step: loss(h @ W.T, target) and its backward; beyond logits MB = peak MB less the logits (N*V*elt)"
+    if meta.get("distill"):
+        counted = (
+            "forward KL(teacher || student) per row, batchmean; GB/s counts fwd: 2*N*V*elt (read both rows), "
+            "fwd+bwd: 3*N*V*elt (and write the student's gradient)"
+        )
     extras = f"\nextras, given to every implementation that ran: {meta['extras']}" if meta.get("extras") else ""
     return f"{harness.describe(meta)}\nmedian of {meta['reps']} reps after {meta['warmup']} warm-up; {counted}{extras}"
 

@@ -26,7 +26,18 @@ from torch import Tensor
 
 import harness
 import report
-from cases import DEFAULTS, LINEAR_DEFAULTS, LINEAR_QUICK, QUICK, STEP_DEFAULTS, STEP_QUICK, Case, Result, make_cases
+from cases import (
+    DEFAULTS,
+    DISTILL_DEFAULTS,
+    LINEAR_DEFAULTS,
+    LINEAR_QUICK,
+    QUICK,
+    STEP_DEFAULTS,
+    STEP_QUICK,
+    Case,
+    Result,
+    make_cases,
+)
 from fused_ce.memory import MIB, measure_peak_mb
 from impls import EXTRAS, IMPLS, LINEAR_IMPLS, Impl, build_impls, registry
 
@@ -166,6 +177,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     mode.add_argument(
         "--step", action="store_true", help="a training step with logits = h @ W.T (shapes NxDxV; see the README)"
     )
+    mode.add_argument(
+        "--distill", action="store_true", help="fused_ce.distillation_loss against F.kl_div of log_softmaxes (NxV)"
+    )
     mode.add_argument("--plot", metavar="DIR", help="sweep V and write time and memory plots (PNG) to DIR")
     parser.add_argument(
         "--extras", action="store_true", help=f"give every implementation {EXTRAS} (or skip it, saying why)"
@@ -187,7 +201,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
 
     device = harness.resolve_device(parser, args.device)
-    op = "linear_cross_entropy" if args.linear else "training_step" if args.step else "cross_entropy"
+    op = ("linear_cross_entropy" if args.linear else "training_step" if args.step
+          else "distillation" if args.distill else "cross_entropy")
     try:
         if args.shapes is not None:
             if args.plot:
@@ -206,6 +221,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         defaults.update(LINEAR_DEFAULTS[device.type])
     if args.step:
         defaults.update(STEP_DEFAULTS[device.type])
+    if args.distill:
+        defaults.update(DISTILL_DEFAULTS[device.type])
     if args.quick:
         defaults.update(LINEAR_QUICK if args.linear else STEP_QUICK if args.step else QUICK)
     for key, value in defaults.items():

@@ -77,6 +77,16 @@ TORCH_LIBRARY(fused_ce, m) {
   // common/ce_math.h), with the lse; and its backward: grad_c = g p_c (lse - z_c - H).
   m.def("entropy_forward(Tensor logits) -> (Tensor entropy, Tensor lse)");
   m.def("entropy_backward(Tensor logits, Tensor entropy, Tensor lse, Tensor grad_entropy) -> Tensor");
+  // Distillation (common/distill_math.h): student and teacher logits [N, V] of one
+  // dtype; kind 0 forward KL, 1 reverse KL, 2 JSD(beta); both rows scaled by
+  // 1/temperature. Forward gives per row the divergence, its statistic R (aux) and
+  // both rows' lse; backward the student's gradient for an upstream grad_loss [N].
+  m.def(
+      "distill_forward(Tensor student, Tensor teacher, int kind, float beta, float temperature) -> (Tensor loss, "
+      "Tensor aux, Tensor lse_student, Tensor lse_teacher)");
+  m.def(
+      "distill_backward(Tensor student, Tensor teacher, Tensor aux, Tensor lse_student, Tensor lse_teacher, "
+      "Tensor grad_loss, int kind, float beta, float temperature) -> Tensor");
 }
 
 namespace {

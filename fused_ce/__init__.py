@@ -18,6 +18,7 @@ except ImportError as e:  # pragma: no cover - depends on the build
 from . import ops  # the ops' fake kernels and autograd
 from ._checks import ArgumentError, ArgumentTypeError
 from ._version import __version__
+from .distill import distillation_loss
 from .distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 from .functional import cross_entropy, entropy, focal_loss, set_target_validation
 from .linear import LinearCrossEntropyLoss, linear_cross_entropy
@@ -35,6 +36,7 @@ __all__ = [
     "__version__",
     "cross_entropy",
     "cuda_kernels_available",
+    "distillation_loss",
     "entropy",
     "focal_loss",
     "linear_cross_entropy",

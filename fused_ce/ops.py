@@ -264,3 +264,56 @@ def _entropy_backward(ctx, grad_entropy: Tensor, _grad_lse):
 
 
 torch.library.register_autograd("fused_ce::entropy_forward", _entropy_backward, setup_context=_entropy_setup_context)
+
+
+# -- distillation (common/distill_math.h) --------------------------------------------------
+
+
+@torch.library.register_fake("fused_ce::distill_forward")
+def _distill_forward_fake(student, teacher, kind, beta, temperature):
+    rows = student.new_empty(student.shape[0], dtype=accumulate_dtype(student.dtype))
+    return rows, torch.empty_like(rows), torch.empty_like(rows), torch.empty_like(rows)
+
+
+@torch.library.register_fake("fused_ce::distill_backward")
+def _distill_backward_fake(student, teacher, aux, lse_student, lse_teacher, grad_loss, kind, beta, temperature):
+    return student.new_empty(student.shape)
+
+
+def distill_grad_by_formula(student, teacher, g, kind: int, beta: float, temperature: float) -> Tensor:
+    """g_i * d divergence_i / d student (common/distill_math.h) as differentiable torch ops (double backward)."""
+    dtype = accumulate_dtype(student.dtype)
+    ls = torch.log_softmax(student.to(dtype) / temperature, dim=1)
+    lt = torch.log_softmax(teacher.to(dtype) / temperature, dim=1)
+    p, q = ls.exp(), lt.exp()
+    if kind == 0:
+        grad = p - q
+    else:
+        r = ls - lt if kind == 1 else ls - torch.log(beta * q + (1 - beta) * p)
+        terms = torch.where(p == 0, 0.0, p * r)
+        grad = (1.0 if kind == 1 else 1 - beta) * torch.where(p == 0, 0.0, p * (r - terms.sum(1, keepdim=True)))
+    return (grad * (g / temperature).unsqueeze(1)).to(student.dtype)
+
+
+def _distill_setup_context(ctx, inputs, output):
+    student, teacher, kind, beta, temperature = inputs
+    _loss, aux, lse_student, lse_teacher = output
+    ctx.save_for_backward(student, teacher, aux, lse_student, lse_teacher)
+    ctx.options = (kind, beta, temperature)
+    ctx.mark_non_differentiable(aux, lse_student, lse_teacher)
+
+
+def _distill_backward(ctx, grad_loss, _grad_aux, _grad_lse_student, _grad_lse_teacher):
+    student, teacher, aux, lse_student, lse_teacher = ctx.saved_tensors
+    if grad_loss is None or not ctx.needs_input_grad[0]:
+        return (None,) * 5
+    g = grad_loss.to(aux.dtype)
+    if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
+        return (distill_grad_by_formula(student, teacher, g, *ctx.options),) + (None,) * 4
+    grad = torch.ops.fused_ce.distill_backward(
+        student, teacher, aux, lse_student, lse_teacher, g.contiguous(), *ctx.options
+    )
+    return (grad,) + (None,) * 4
+
+
+torch.library.register_autograd("fused_ce::distill_forward", _distill_backward, setup_context=_distill_setup_context)

@@ -143,6 +143,44 @@ def torch_cross_entropy(
     return loss + z_rows.sum() / valid.sum().clamp(min=1)
 
 
+def distillation_reference(student, teacher, kind="forward_kl", beta=0.5, temperature=1.0, target=None,
+                           ignore_index=-100, alpha=0.0, reduction="mean") -> Tensor:
+    """fused_ce.distillation_loss in float64 from its formulas (classes last)."""
+    ls = torch.log_softmax(student.to(torch.float64) / temperature, dim=-1)
+    lt = torch.log_softmax(teacher.to(torch.float64) / temperature, dim=-1)
+    p, q = ls.exp(), lt.exp()
+
+    def kl(a, log_a, log_b):  # sum a (log a - log b), 0 where a is 0
+        return torch.where(a == 0, 0.0, a * (log_a - log_b)).sum(-1)
+
+    if kind == "forward_kl":
+        rows = kl(q, lt, ls)
+    elif kind == "reverse_kl":
+        rows = kl(p, ls, lt)
+    else:
+        lm = torch.log(beta * q + (1 - beta) * p)
+        rows = beta * kl(q, lt, lm) + (1 - beta) * kl(p, ls, lm)
+    valid = torch.ones(rows.shape, dtype=torch.bool, device=rows.device) if target is None else target != ignore_index
+    rows = torch.where(valid, rows, 0.0)
+    batch = student.shape[0] if student.dim() > 1 else 1
+    if reduction == "none":
+        div = rows
+    elif reduction == "sum":
+        div = rows.sum()
+    elif reduction == "batchmean":
+        div = rows.sum() / batch
+    else:
+        div = rows.sum() / valid.sum()
+    if not alpha:
+        return div
+    ce_rows = -torch.log_softmax(student.to(torch.float64), dim=-1).gather(
+        -1, torch.where(valid, target, 0).unsqueeze(-1)).squeeze(-1)
+    ce_rows = torch.where(valid, ce_rows, 0.0)
+    ce = {"none": ce_rows, "sum": ce_rows.sum(), "batchmean": ce_rows.sum() / batch}.get(
+        reduction, ce_rows.sum() / valid.sum())
+    return alpha * ce + (1 - alpha) * div
+
+
 def entropy_reference(logits: Tensor) -> Tensor:
     """``-sum_c p_c log p_c`` of ``softmax(logits)`` over the last dimension, in float64 (0 log 0 = 0)."""
     p = torch.softmax(logits.to(torch.float64), dim=-1)
@@ -166,4 +204,10 @@ def focal_loss_reference(input, target, gamma=2.0, alpha=None, ignore_index=-100
     return loss.sum() if reduction == "sum" else loss.sum() / valid.sum()
 
 
-__all__ = ["cross_entropy_reference", "entropy_reference", "focal_loss_reference", "torch_cross_entropy"]
+__all__ = [
+    "cross_entropy_reference",
+    "distillation_reference",
+    "entropy_reference",
+    "focal_loss_reference",
+    "torch_cross_entropy",
+]

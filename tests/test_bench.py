@@ -55,6 +55,15 @@ def test_linear(tmp_path):
     assert all(r["op"] == "linear_cross_entropy" and r["D"] > 0 for r in doc["rows"])
 
 
+def test_distill(tmp_path):
+    # Every implementation computes the same loss (the forward KL, batchmean).
+    doc = _run(tmp_path, "--distill")
+    rows = doc["rows"]
+    assert {r["impl"] for r in rows} == set(impls.DISTILL_IMPLS) and all(r["op"] == "distillation" for r in rows)
+    losses = [r["loss"] for r in rows]
+    assert max(losses) - min(losses) < 1e-4 * max(1.0, abs(losses[0]))
+
+
 def _quick_case(op, extras=False):
     """The case of --quick on the CPU (one shape, float32)."""
     quick = {"cross_entropy": cases.QUICK, "linear_cross_entropy": cases.LINEAR_QUICK}[op]

@@ -98,6 +98,23 @@ inline void check_scale_rows_args(const at::Tensor& rows, const at::Tensor& scal
   TORCH_CHECK_VALUE(scale.device() == rows.device(), "scale must be on the rows' device");
 }
 
+inline void check_distill_args(const at::Tensor& student, const at::Tensor& teacher, int64_t kind, double beta,
+                               double temperature) {
+  TORCH_CHECK_VALUE(student.dim() == 2, "student logits must be 2-D [N, V], got ", student.dim(), " dimensions");
+  TORCH_CHECK_TYPE(student.is_floating_point(), "student logits must be floating point, got ", student.scalar_type());
+  TORCH_CHECK_VALUE(teacher.sizes() == student.sizes(), "teacher logits must have the student's shape ",
+                    student.sizes(), ", got ", teacher.sizes());
+  TORCH_CHECK_TYPE(teacher.scalar_type() == student.scalar_type(), "teacher logits must have the student's dtype (",
+                   student.scalar_type(), "), got ", teacher.scalar_type());
+  TORCH_CHECK_VALUE(teacher.device() == student.device(), "teacher logits must be on the student's device");
+  TORCH_CHECK_VALUE(unit_class_stride(student) && unit_class_stride(teacher),
+                    "student and teacher logits must have unit stride along classes");
+  TORCH_CHECK_VALUE(kind >= 0 && kind <= 2, "kind must be 0 (forward KL), 1 (reverse KL) or 2 (JSD), got ", kind);
+  TORCH_CHECK_VALUE(beta >= 0.0 && beta <= 1.0, "beta must be in [0, 1], got ", beta);
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0, "temperature must be finite and > 0, got ",
+                    temperature);
+}
+
 // The slice of the vocabulary the logits hold (see ops.cpp): classes
 // [start, start + V) of total. vocab_total = -1 means the whole vocabulary.
 struct VocabSlice {

@@ -212,6 +212,33 @@ void backward_inplace_cpu(const at::Tensor& logits, const at::Tensor& target, co
   FUSED_CE_CPU_CALL(backward, args, lse.contiguous(), p_coef.contiguous(), t_coef.contiguous(), at::Tensor(), g);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_forward_cpu(const at::Tensor& student,
+                                                                               const at::Tensor& teacher, int64_t kind,
+                                                                               double beta, double temperature) {
+  check_distill_args(student, teacher, kind, beta, temperature);
+  const DistillArgs args{student, teacher, kind, beta, temperature};
+  const auto opts = student.options().dtype(accumulate_type(student.scalar_type()));
+  at::Tensor loss = at::empty({student.size(0)}, opts), aux = at::empty({student.size(0)}, opts);
+  at::Tensor lse_student = at::empty({student.size(0)}, opts), lse_teacher = at::empty({student.size(0)}, opts);
+  FUSED_CE_CPU_CALL(distill_forward, args, loss, aux, lse_student, lse_teacher);
+  return {loss, aux, lse_student, lse_teacher};
+}
+
+at::Tensor distill_backward_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& aux,
+                                const at::Tensor& lse_student, const at::Tensor& lse_teacher,
+                                const at::Tensor& grad_loss, int64_t kind, double beta, double temperature) {
+  check_distill_args(student, teacher, kind, beta, temperature);
+  for (const auto& [t, name] : {std::pair{&aux, "aux"}, {&lse_student, "lse_student"}, {&lse_teacher, "lse_teacher"},
+                                {&grad_loss, "grad_loss"}}) {
+    check_row_vector(*t, name, student);
+  }
+  const DistillArgs args{student, teacher, kind, beta, temperature};
+  at::Tensor grad = empty_large(student.sizes(), student.options());
+  FUSED_CE_CPU_CALL(distill_backward, args, aux.contiguous(), lse_student.contiguous(), lse_teacher.contiguous(),
+                    grad_loss, grad);
+  return grad;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_ce, CPU, m) {
@@ -224,6 +251,8 @@ TORCH_LIBRARY_IMPL(fused_ce, CPU, m) {
   m.impl("scale_rows_", &scale_rows_cpu);
   m.impl("entropy_forward", &entropy_forward_cpu);
   m.impl("entropy_backward", &entropy_backward_cpu);
+  m.impl("distill_forward", &distill_forward_cpu);
+  m.impl("distill_backward", &distill_backward_cpu);
 }
 
 }  // namespace fused_ce::cpu

@@ -29,6 +29,16 @@ struct GradInForward {
   at::Tensor grad;       // [N, V], unit class stride; may be the logits themselves
 };
 
+// A distillation problem (common/distill_math.h): student and teacher rows [N, V]
+// (unit class stride, the same dtype), already checked.
+struct DistillArgs {
+  at::Tensor student;
+  at::Tensor teacher;
+  int64_t kind;  // DistillKind
+  double beta;
+  double temperature;
+};
+
 #define FUSED_CE_DECLARE_CPU_KERNELS(isa)                                                                          \
   namespace isa {                                                                                                  \
   /* loss (or objective), lse, mass (may be undefined): [N] outputs in the accumulation dtype */                   \
@@ -44,6 +54,11 @@ struct GradInForward {
   void entropy_forward(const at::Tensor& logits, at::Tensor& entropy, at::Tensor& lse);                            \
   void entropy_backward(const at::Tensor& logits, const at::Tensor& entropy, const at::Tensor& lse,                \
                         const at::Tensor& grad_entropy, at::Tensor& grad);                                         \
+  /* the divergence per row, its statistic R (distill_math.h) and both rows' lse [N]; the student's gradient */     \
+  void distill_forward(const DistillArgs& args, at::Tensor& loss, at::Tensor& aux, at::Tensor& lse_student,         \
+                       at::Tensor& lse_teacher);                                                                   \
+  void distill_backward(const DistillArgs& args, const at::Tensor& aux, const at::Tensor& lse_student,             \
+                        const at::Tensor& lse_teacher, const at::Tensor& grad_loss, at::Tensor& grad_student);     \
   }
 
 FUSED_CE_DECLARE_CPU_KERNELS(DEFAULT)
