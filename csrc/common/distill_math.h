@@ -21,6 +21,10 @@
 //
 // so the kernels compute R (the "aux" statistic) with the loss, and backward writes
 // g / T * (a p (r - R) + b (p - q)) for an upstream g.
+//
+// The functions are templates over the arithmetic type: float or double, and on the
+// CPU at::vec::Vectorized of them (the overloads at the end of this file), so that the
+// vectorised CPU loops and the CUDA kernels run the same formulas.
 #pragma once
 
 #include <cstdint>
@@ -31,43 +35,68 @@ namespace fused_ce {
 
 enum class DistillKind : int64_t { kForwardKL = 0, kReverseKL = 1, kJSD = 2 };
 
-// What one divergence term needs: the log-probabilities of both rows at one class.
-template <typename T>
-struct DistillTerm {
-  T value;      // this class's term of the divergence
-  T aux;        // this class's term of R (see above)
-  T log_ratio;  // r_c
-};
+// value where prob is not 0, else 0 (0 log 0 = 0; also 0 * inf).
+FUSED_CE_HOST_DEVICE float unless_zero(float prob, float value) { return prob == 0.0f ? 0.0f : value; }
+FUSED_CE_HOST_DEVICE double unless_zero(double prob, double value) { return prob == 0.0 ? 0.0 : value; }
 
-// The terms at one class; beta is used by the JSD only.
-template <typename T>
-FUSED_CE_HOST_DEVICE DistillTerm<T> distill_term(DistillKind kind, T ls, T lt, T beta) {
-  const T p = exp_(ls), q = exp_(lt);
-  if (kind == DistillKind::kForwardKL) {
-    const T v = q == T(0) ? T(0) : q * (lt - ls);
-    return {v, T(0), T(0)};
+// at::vec::Vectorized (CPU): the same formulas, lane by lane (declared before the templates
+// that call them, which find them by ordinary lookup). exp_u20 for float (20 ulp,
+// the arguments are <= 0 here), exp for double.
+template <typename Vec>
+inline Vec unless_zero(const Vec& prob, const Vec& value) {
+  return Vec::blendv(value, Vec(0), prob == Vec(0));
+}
+template <typename Vec>
+inline Vec exp_(const Vec& x) {
+  if constexpr (sizeof(typename Vec::value_type) == 4) {
+    return x.exp_u20();
+  } else {
+    return x.exp();
   }
-  if (kind == DistillKind::kReverseKL) {
-    const T r = ls - lt;
-    const T v = p == T(0) ? T(0) : p * r;
-    return {v, v, r};
-  }
-  const T m = beta * q + (T(1) - beta) * p;
-  const T lm = log_(m);
-  const T kl_pm = p == T(0) ? T(0) : p * (ls - lm);
-  const T kl_qm = q == T(0) ? T(0) : q * (lt - lm);
-  return {beta * kl_qm + (T(1) - beta) * kl_pm, kl_pm, ls - lm};
+}
+template <typename Vec>
+inline Vec log_(const Vec& x) {
+  return x.log();
 }
 
-// d divergence / d s_c for the row statistic R (see above); 0 where p and q are 0.
+// One class's term of the divergence, and its term of R.
 template <typename T>
-FUSED_CE_HOST_DEVICE T distill_grad(DistillKind kind, T ls, T lt, T beta, T aux) {
-  const T p = exp_(ls), q = exp_(lt);
-  if (kind == DistillKind::kForwardKL) return p - q;
-  if (p == T(0)) return T(0);
-  if (kind == DistillKind::kReverseKL) return p * ((ls - lt) - aux);
-  const T lm = log_(beta * q + (T(1) - beta) * p);
-  return (T(1) - beta) * p * ((ls - lm) - aux);
+struct DistillTerm {
+  T value;
+  T aux;
+};
+
+template <DistillKind kKind, typename T>
+FUSED_CE_HOST_DEVICE DistillTerm<T> distill_term(T ls, T lt, T beta) {
+  if constexpr (kKind == DistillKind::kForwardKL) {
+    const T q = exp_(lt);
+    return {unless_zero(q, q * (lt - ls)), T(0)};
+  } else if constexpr (kKind == DistillKind::kReverseKL) {
+    const T p = exp_(ls);
+    const T v = unless_zero(p, p * (ls - lt));
+    return {v, v};
+  } else {
+    const T p = exp_(ls), q = exp_(lt);
+    const T lm = log_(beta * q + (T(1) - beta) * p);
+    const T kl_pm = unless_zero(p, p * (ls - lm));
+    const T kl_qm = unless_zero(q, q * (lt - lm));
+    return {beta * kl_qm + (T(1) - beta) * kl_pm, kl_pm};
+  }
+}
+
+// d divergence / d s_c for the row statistic R = aux; 0 where both probabilities are 0.
+template <DistillKind kKind, typename T>
+FUSED_CE_HOST_DEVICE T distill_grad(T ls, T lt, T beta, T aux) {
+  if constexpr (kKind == DistillKind::kForwardKL) {
+    return exp_(ls) - exp_(lt);
+  } else if constexpr (kKind == DistillKind::kReverseKL) {
+    const T p = exp_(ls);
+    return unless_zero(p, p * ((ls - lt) - aux));
+  } else {
+    const T p = exp_(ls), q = exp_(lt);
+    const T lm = log_(beta * q + (T(1) - beta) * p);
+    return unless_zero(p, (T(1) - beta) * p * ((ls - lm) - aux));
+  }
 }
 
 }  // namespace fused_ce

@@ -37,6 +37,15 @@ int64_t grain(int64_t num_classes) {
   return std::max<int64_t>(1, 16384 / std::max<int64_t>(num_classes, 1));
 }
 
+template <typename scalar_t>
+void store_vec(const Vectorized<acc_type<scalar_t>>& v, scalar_t* p, int64_t count) {
+  if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
+    at::vec::convert_from_float<scalar_t>(v, v).store(p, count);
+  } else {
+    v.store(p, count);
+  }
+}
+
 // x / T for a block of n logits into buf (acc dtype), padded with -inf to whole vectors.
 template <typename scalar_t, typename acc_t>
 int64_t load_scaled(const scalar_t* x, int64_t n, acc_t inv_t, acc_t* buf) {
@@ -75,21 +84,21 @@ RowStats<acc_t> block_lse(const acc_t* v, int64_t padded) {
 template <typename scalar_t>
 struct Rows {
   using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  static constexpr int64_t W = Vec::size();
   const scalar_t* student;
   const scalar_t* teacher;
   int64_t student_stride, teacher_stride, num_classes;
   acc_t inv_t, beta;
-  DistillKind kind;
 
-  Rows(const DistillArgs& a)
+  explicit Rows(const DistillArgs& a)
       : student(a.student.const_data_ptr<scalar_t>()),
         teacher(a.teacher.const_data_ptr<scalar_t>()),
         student_stride(a.student.stride(0)),
         teacher_stride(a.teacher.stride(0)),
         num_classes(a.student.size(1)),
         inv_t(acc_t(1.0 / a.temperature)),
-        beta(acc_t(a.beta)),
-        kind(static_cast<DistillKind>(a.kind)) {}
+        beta(acc_t(a.beta)) {}
 
   // (lse of the student's scaled row, lse of the teacher's).
   std::pair<acc_t, acc_t> lses(int64_t i, acc_t* s, acc_t* t) const {
@@ -102,51 +111,71 @@ struct Rows {
     return {row_lse(ss), row_lse(st)};
   }
 
-  // Calls f(c, ls_c, lt_c) for every class of row i, block by block.
+  // Calls f(j0, ls, lt) for each vector of log-probabilities of row i (j0: its first class;
+  // the last vector of a block is padded with -inf, whose probability is 0).
   template <typename F>
-  void for_each(int64_t i, acc_t lse_s, acc_t lse_t, acc_t* s, acc_t* t, F f) const {
+  void for_each_vec(int64_t i, acc_t lse_s, acc_t lse_t, acc_t* s, acc_t* t, F f) const {
+    const Vec vls(lse_s), vlt(lse_t);
     for (int64_t b = 0; b < num_classes; b += kBlock) {
       const int64_t n = std::min(kBlock, num_classes - b);
-      load_scaled(student + i * student_stride + b, n, inv_t, s);
+      const int64_t padded = load_scaled(student + i * student_stride + b, n, inv_t, s);
       load_scaled(teacher + i * teacher_stride + b, n, inv_t, t);
-      for (int64_t j = 0; j < n; ++j) f(b + j, s[j] - lse_s, t[j] - lse_t);
+      for (int64_t j = 0; j < padded; j += W) f(b + j, Vec::loadu(s + j) - vls, Vec::loadu(t + j) - vlt);
     }
   }
 };
 
+// Turns the runtime kind into the template argument of the formulas.
+template <typename Fn>
+void with_kind(int64_t kind, Fn&& fn) {
+  switch (static_cast<DistillKind>(kind)) {
+    case DistillKind::kForwardKL: fn(std::integral_constant<DistillKind, DistillKind::kForwardKL>{}); break;
+    case DistillKind::kReverseKL: fn(std::integral_constant<DistillKind, DistillKind::kReverseKL>{}); break;
+    default: fn(std::integral_constant<DistillKind, DistillKind::kJSD>{}); break;
+  }
+}
+
 template <typename scalar_t>
 void distill_forward_impl(const DistillArgs& args, at::Tensor& loss_out, at::Tensor& aux_out, at::Tensor& lse_s_out,
                           at::Tensor& lse_t_out) {
-  using acc_t = acc_type<scalar_t>;
-  const Rows<scalar_t> rows(args);
+  using R = Rows<scalar_t>;
+  using acc_t = typename R::acc_t;
+  using Vec = typename R::Vec;
+  const R rows(args);
   acc_t* loss = loss_out.data_ptr<acc_t>();
   acc_t* aux = aux_out.data_ptr<acc_t>();
   acc_t* lse_s = lse_s_out.data_ptr<acc_t>();
   acc_t* lse_t = lse_t_out.data_ptr<acc_t>();
   const int64_t N = args.student.size(0);
-  at::parallel_for(0, N, grain<scalar_t>(rows.num_classes), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> s(kBlock), t(kBlock);
-    for (int64_t i = begin; i < end; ++i) {
-      const auto [ls, lt] = rows.lses(i, s.data(), t.data());
-      acc_t value = 0, r = 0;
-      rows.for_each(i, ls, lt, s.data(), t.data(), [&](int64_t, acc_t a, acc_t b) {
-        const DistillTerm<acc_t> term = distill_term(rows.kind, a, b, rows.beta);
-        value += term.value;
-        r += term.aux;
-      });
-      loss[i] = value;
-      aux[i] = r;
-      lse_s[i] = ls;
-      lse_t[i] = lt;
-    }
+  with_kind(args.kind, [&](auto kind) {
+    constexpr DistillKind kKind = decltype(kind)::value;
+    at::parallel_for(0, N, grain<scalar_t>(rows.num_classes), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> s(kBlock), t(kBlock);
+      const Vec vbeta(rows.beta);
+      for (int64_t i = begin; i < end; ++i) {
+        const auto [ls, lt] = rows.lses(i, s.data(), t.data());
+        Vec value(0), r(0);
+        rows.for_each_vec(i, ls, lt, s.data(), t.data(), [&](int64_t, const Vec& a, const Vec& b) {
+          const DistillTerm<Vec> term = distill_term<kKind>(a, b, vbeta);
+          value += term.value;
+          r += term.aux;
+        });
+        loss[i] = at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, value);
+        aux[i] = at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, r);
+        lse_s[i] = ls;
+        lse_t[i] = lt;
+      }
+    });
   });
 }
 
 template <typename scalar_t>
 void distill_backward_impl(const DistillArgs& args, const at::Tensor& aux_in, const at::Tensor& lse_s_in,
                            const at::Tensor& lse_t_in, const at::Tensor& grad_loss_in, at::Tensor& grad_out) {
-  using acc_t = acc_type<scalar_t>;
-  const Rows<scalar_t> rows(args);
+  using R = Rows<scalar_t>;
+  using acc_t = typename R::acc_t;
+  using Vec = typename R::Vec;
+  const R rows(args);
   const acc_t* aux = aux_in.const_data_ptr<acc_t>();
   const acc_t* lse_s = lse_s_in.const_data_ptr<acc_t>();
   const acc_t* lse_t = lse_t_in.const_data_ptr<acc_t>();
@@ -154,19 +183,24 @@ void distill_backward_impl(const DistillArgs& args, const at::Tensor& aux_in, co
   const int64_t g_stride = grad_loss_in.stride(0);
   scalar_t* grad = grad_out.data_ptr<scalar_t>();
   const int64_t N = args.student.size(0), V = rows.num_classes;
-  at::parallel_for(0, N, grain<scalar_t>(V), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> s(kBlock), t(kBlock);
-    for (int64_t i = begin; i < end; ++i) {
-      scalar_t* g = grad + i * V;
-      const acc_t scale = grad_loss[i * g_stride] * rows.inv_t;
-      if (scale == acc_t(0)) {  // a masked row, or a zero upstream gradient
-        std::fill(g, g + V, scalar_t(0));
-        continue;
+  with_kind(args.kind, [&](auto kind) {
+    constexpr DistillKind kKind = decltype(kind)::value;
+    at::parallel_for(0, N, grain<scalar_t>(V), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> s(kBlock), t(kBlock);
+      const Vec vbeta(rows.beta);
+      for (int64_t i = begin; i < end; ++i) {
+        scalar_t* g = grad + i * V;
+        const acc_t scale = grad_loss[i * g_stride] * rows.inv_t;
+        if (scale == acc_t(0)) {  // a masked row, or a zero upstream gradient
+          std::fill(g, g + V, scalar_t(0));
+          continue;
+        }
+        const Vec vscale(scale), vaux(aux[i]);
+        rows.for_each_vec(i, lse_s[i], lse_t[i], s.data(), t.data(), [&](int64_t c, const Vec& a, const Vec& b) {
+          store_vec<scalar_t>(vscale * distill_grad<kKind>(a, b, vbeta, vaux), g + c, std::min(R::W, V - c));
+        });
       }
-      rows.for_each(i, lse_s[i], lse_t[i], s.data(), t.data(), [&](int64_t c, acc_t a, acc_t b) {
-        g[c] = static_cast<scalar_t>(scale * distill_grad(rows.kind, a, b, rows.beta, aux[i]));
-      });
-    }
+    });
   });
 }
 
