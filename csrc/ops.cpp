@@ -36,47 +36,49 @@ TORCH_LIBRARY(fused_ce, m) {
   // loss (0 for ignored rows), lse, and mass = sum_c T_c.
   m.def(
       "cross_entropy_forward(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
-      "float label_smoothing, float softcap, int vocab_start=0, int vocab_total=-1) -> (Tensor loss, Tensor lse, "
+      "float label_smoothing, float softcap, int vocab_start=0, int vocab_total=-1, float logit_scale=1.0, float temperature=1.0) -> (Tensor loss, Tensor lse, "
       "Tensor mass)");
   // grad_c = p_coef * softmax_c - t_coef * T_c, times the soft-cap slope.
   m.def(
       "cross_entropy_backward(Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
       "Tensor p_coef, Tensor t_coef, int ignore_index, float label_smoothing, float softcap, int vocab_start=0, int "
-      "vocab_total=-1) -> Tensor");
+      "vocab_total=-1, float logit_scale=1.0, float temperature=1.0) -> Tensor");
   // The same gradient written into `grad` (which must not overlap the logits), except
   // for rows i with keep_where_one[i] == 1, which keep what they hold (the fused op's
   // backward: see fused_ce/ops.py).
   m.def(
       "cross_entropy_backward_into_(Tensor(a!) grad, Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
       "Tensor p_coef, Tensor t_coef, Tensor keep_where_one, int ignore_index, float label_smoothing, "
-      "float softcap, int vocab_start=0, int vocab_total=-1) -> ()");
+      "float softcap, int vocab_start=0, int vocab_total=-1, float logit_scale=1.0, float temperature=1.0) -> ()");
   // The same gradient written over the logits themselves (the linear path's
   // blocks: each element is read, then overwritten, by the thread that owns it).
   m.def(
       "cross_entropy_backward_(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor lse, Tensor p_coef, "
       "Tensor t_coef, int ignore_index, float label_smoothing, float softcap, int vocab_start=0, "
-      "int vocab_total=-1) -> ()");
+      "int vocab_total=-1, float logit_scale=1.0, float temperature=1.0) -> ()");
   // The training hot path: one pass computes the per-row objective
   //   row_scale_i * loss_i + z_scale_i * lse_i^2
   // and writes its gradient (see objective() in common/ce_math.h). Backward then
   // only scales the rows by the upstream gradient (scale_rows_).
   m.def(
       "cross_entropy_fused(Tensor logits, Tensor target, Tensor? weight, Tensor row_scale, Tensor? z_scale, "
-      "int ignore_index, float label_smoothing, float softcap, int vocab_start=0, int vocab_total=-1) -> (Tensor "
+      "int ignore_index, float label_smoothing, float softcap, int vocab_start=0, int vocab_total=-1, float logit_scale=1.0, float temperature=1.0) -> (Tensor "
       "objective, Tensor lse, Tensor mass, Tensor "
       "grad)");
   // The same, writing the gradient over the logits.
   m.def(
       "cross_entropy_fused_(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor row_scale, Tensor? z_scale, "
-      "int ignore_index, float label_smoothing, float softcap, int vocab_start=0, int vocab_total=-1) -> (Tensor "
+      "int ignore_index, float label_smoothing, float softcap, int vocab_start=0, int vocab_total=-1, float logit_scale=1.0, float temperature=1.0) -> (Tensor "
       "objective, Tensor lse, Tensor mass)");
   // rows[i] *= scale[i]; a row whose scale is exactly 1 is not touched, which is
   // decided on the device (no host synchronisation).
   m.def("scale_rows_(Tensor(a!) rows, Tensor scale) -> ()");
   // Entropy of softmax(logits) per row, in one online pass (EntropyStats in
   // common/ce_math.h), with the lse; and its backward: grad_c = g p_c (lse - z_c - H).
-  m.def("entropy_forward(Tensor logits) -> (Tensor entropy, Tensor lse)");
-  m.def("entropy_backward(Tensor logits, Tensor entropy, Tensor lse, Tensor grad_entropy) -> Tensor");
+  m.def("entropy_forward(Tensor logits, float temperature=1.0) -> (Tensor entropy, Tensor lse)");
+  m.def(
+      "entropy_backward(Tensor logits, Tensor entropy, Tensor lse, Tensor grad_entropy, float temperature=1.0) -> "
+      "Tensor");
   // Distillation (common/distill_math.h): student and teacher logits [N, V] of one
   // dtype; kind 0 forward KL, 1 reverse KL, 2 JSD(beta); both rows scaled by
   // 1/temperature. Forward gives per row the divergence, its statistic R (aux) and

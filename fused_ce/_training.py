@@ -24,7 +24,8 @@ def fused_loss(logits: Tensor, rows: Tensor, weight, counted: CountedRows, op_op
                reduction: str, batch_shape, dtype: torch.dtype, inplace) -> Tensor:
     """The reduced loss through the training path.
 
-    ``op_options``: the ops' ``(ignore_index, label_smoothing, softcap)``.
+    ``op_options``: the ops' trailing options, ``(ignore_index, label_smoothing, softcap, vocab_start,
+    vocab_total, logit_scale, temperature)``.
     ``inplace``: None, or (the tensor whose buffer the gradient overwrites, its class
     dimension): the input that the rows ``logits`` view, or ``logits`` itself when
     the rows are a copy.

@@ -67,6 +67,8 @@ def cross_entropy(
     return_lse: bool = False,
     inplace_backward: bool = False,
     loss_dtype: torch.dtype | None = None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
     size_average: bool | None = None,
     reduce: bool | None = None,
 ):
@@ -106,6 +108,13 @@ def cross_entropy(
             float16/bfloat16 input under ``torch.autocast``, as ``F.cross_entropy``
             under autocast); e.g. ``torch.float32`` keeps all the digits of a bf16
             model's loss.
+        temperature: the loss of ``z / temperature``, computed inside the kernels
+            (nothing materialised), gradients included; with ``softcap``, the cap
+            first, then the temperature (a model outputs capped logits, sampling
+            divides those). ``return_lse`` gives the lse of the divided logits.
+        logit_scale: multiplies the logits before everything else (Cohere's and
+            Granite's logit scales), inside the kernels: the loss of
+            ``softcap(logit_scale * input) / temperature``.
         size_average, reduce: deprecated, as in ``F.cross_entropy``.
 
     Returns:
@@ -127,12 +136,14 @@ def cross_entropy(
     if dtensor.is_dtensor(input):
         return dtensor.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss,
                                      softcap=softcap, return_lse=return_lse, inplace_backward=inplace_backward,
-                                     loss_dtype=loss_dtype)
+                                     loss_dtype=loss_dtype, temperature=temperature, logit_scale=logit_scale)
     checks.check_reduction(reduction)
     checks.check_z_loss(z_loss)
     cap = checks.softcap_option(softcap)
     checks.check_label_smoothing(label_smoothing)
     checks.check_ignore_index(ignore_index)
+    checks.check_positive(temperature, "temperature")
+    checks.check_positive(logit_scale, "logit_scale")
     if inplace_backward and return_lse:
         raise checks.ArgumentError(
             "inplace_backward=True cannot be combined with return_lse=True: the lse's gradient needs the logits"
@@ -151,7 +162,7 @@ def cross_entropy(
         checks.validate_targets_if_asked(rows, num_classes, ignore_index)
     counted = CountedRows.of_targets(rows, logits.shape[0], weight, ignore_index)
     out_dtype = result_dtype(input.dtype, input.device.type, loss_dtype)
-    options = (ignore_index, label_smoothing * 1.0, cap)
+    options = (ignore_index, label_smoothing * 1.0, cap, 0, -1, logit_scale * 1.0, temperature * 1.0)
 
     if num_classes == 0:
         loss = _no_class_losses(input, logits, rows, ignore_index)
@@ -180,8 +191,8 @@ def cross_entropy(
     return (out, lse.reshape(batch_shape)) if return_lse else out
 
 
-def entropy(logits: Tensor) -> Tensor:
-    """Entropy ``-sum_c p_c log p_c`` of ``softmax(logits)`` along the last dimension.
+def entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Entropy ``-sum_c p_c log p_c`` of ``softmax(logits / temperature)`` along the last dimension.
 
     One online pass over each row (running max, rescaled sum and rescaled
     ``sum_c e^(z_c - max) (max - z_c)``), differentiable; zero probabilities count as
@@ -189,11 +200,14 @@ def entropy(logits: Tensor) -> Tensor:
 
     Args:
         logits: ``(..., V)``, floating point.
+        temperature: divides the logits inside the kernels (sampling-time entropy),
+            gradients included.
 
     Returns:
         ``(...)``: float32 (float64 for float64 logits); 0 where there is no class (V = 0).
     """
     checks.check_floating(logits, "logits")
+    checks.check_positive(temperature, "temperature")
     if logits.dim() == 0:
         raise checks.ArgumentError("logits must have a class dimension last, (..., V), got a scalar")
     checks.check_device(logits.device)
@@ -201,7 +215,7 @@ def entropy(logits: Tensor) -> Tensor:
     if rows.shape[1] == 0:
         value = rows.to(accumulate_dtype(logits.dtype)).sum(1)
     else:
-        value, _lse = torch.ops.fused_ce.entropy_forward(rows)
+        value, _lse = torch.ops.fused_ce.entropy_forward(rows, temperature * 1.0)
     return value.reshape(logits.shape[:-1])
 
 

@@ -42,21 +42,26 @@ def cuda_kernels_available() -> bool:
 
 
 @torch.library.register_fake("fused_ce::cross_entropy_forward")
-def _forward_fake(logits, target, weight, ignore_index, label_smoothing, softcap, vocab_start=0, vocab_total=-1):
+def _forward_fake(
+    logits, target, weight, ignore_index, label_smoothing, softcap, vocab_start=0, vocab_total=-1, logit_scale=1.0,
+    temperature=1.0,
+):
     rows = logits.new_empty(logits.shape[0], dtype=accumulate_dtype(logits.dtype))
     return rows, torch.empty_like(rows), torch.empty_like(rows)
 
 
 @torch.library.register_fake("fused_ce::cross_entropy_backward")
 def _backward_fake(
-    logits, target, weight, lse, p_coef, t_coef, ignore_index, label_smoothing, softcap, vocab_start=0, vocab_total=-1
+    logits, target, weight, lse, p_coef, t_coef, ignore_index, label_smoothing, softcap, vocab_start=0, vocab_total=-1,
+    logit_scale=1.0, temperature=1.0,
 ):
     return logits.new_empty(logits.shape)
 
 
 @torch.library.register_fake("fused_ce::cross_entropy_fused")
 def _fused_fake(
-    logits, target, weight, row_scale, z_scale, ignore_index, label_smoothing, softcap, vocab_start=0, vocab_total=-1
+    logits, target, weight, row_scale, z_scale, ignore_index, label_smoothing, softcap, vocab_start=0, vocab_total=-1,
+    logit_scale=1.0, temperature=1.0,
 ):
     rows = logits.new_empty(logits.shape[0], dtype=accumulate_dtype(logits.dtype))
     return rows, torch.empty_like(rows), torch.empty_like(rows), logits.new_empty(logits.shape)
@@ -64,7 +69,8 @@ def _fused_fake(
 
 @torch.library.register_fake("fused_ce::cross_entropy_fused_")
 def _fused_inplace_fake(
-    logits, target, weight, row_scale, z_scale, ignore_index, label_smoothing, softcap, vocab_start=0, vocab_total=-1
+    logits, target, weight, row_scale, z_scale, ignore_index, label_smoothing, softcap, vocab_start=0, vocab_total=-1,
+    logit_scale=1.0, temperature=1.0,
 ):
     rows = logits.new_empty(logits.shape[0], dtype=accumulate_dtype(logits.dtype))
     return rows, torch.empty_like(rows), torch.empty_like(rows)
@@ -75,9 +81,18 @@ def _scale_rows_fake(rows, scale):
     return None
 
 
-def _softcapped(logits: Tensor, softcap: float, dtype: torch.dtype) -> Tensor:
-    z = logits.to(dtype)
-    return softcap * torch.tanh(z / softcap) if softcap > 0 else z
+def mapped_logits(logits: Tensor, softcap, logit_scale, temperature, dtype: torch.dtype) -> Tensor:
+    """The logits the loss sees, ``softcap(logit_scale * x) / temperature`` (LogitMap in common/ce_math.h)."""
+    z = logits.to(dtype) * logit_scale
+    z = softcap * torch.tanh(z / softcap) if softcap > 0 else z
+    return z / temperature
+
+
+def _logit_slope(z: Tensor, softcap, logit_scale, temperature):
+    """dz/dx of mapped_logits, in terms of z."""
+    if softcap > 0:
+        return (logit_scale / temperature) * (1 - (z * temperature / softcap).square())
+    return logit_scale / temperature
 
 
 def target_distribution(
@@ -108,9 +123,9 @@ def gradient_by_formula(logits, target, weight, options, loss_coef, lse_coef_fn,
     lse_coef_fn(lse) gives the derivative of the lse terms with respect to lse_i, so
     that it can depend on the (differentiable) lse itself, as the z-loss does.
     """
-    ignore_index, label_smoothing, softcap, vocab_start, vocab_total = options
+    ignore_index, label_smoothing, softcap, vocab_start, vocab_total, logit_scale, temperature = options
     dtype = accumulate_dtype(logits.dtype)
-    z = _softcapped(logits, softcap, dtype)
+    z = mapped_logits(logits, softcap, logit_scale, temperature, dtype)
     if vocab_total < 0 or vocab_total == logits.shape[1]:
         lse = torch.logsumexp(z, dim=1)
     elif lse is None:
@@ -118,14 +133,13 @@ def gradient_by_formula(logits, target, weight, options, loss_coef, lse_coef_fn,
     t = target_distribution(logits, target, weight, ignore_index, label_smoothing, vocab_start, vocab_total)
     p_coef = loss_coef * t.sum(1) + lse_coef_fn(lse)
     grad = p_coef.unsqueeze(1) * torch.exp(z - lse.unsqueeze(1)) - loss_coef.unsqueeze(1) * t
-    if softcap > 0:
-        grad = grad * (1 - (z / softcap).square())
-    return grad.to(logits.dtype)
+    return (grad * _logit_slope(z, softcap, logit_scale, temperature)).to(logits.dtype)
 
 
 def _options(args) -> tuple:
-    """(ignore_index, label_smoothing, softcap, vocab_start, vocab_total), defaults filled in."""
-    return tuple(args) + (0, -1)[len(args) - 3 :]
+    """The ops' trailing options, defaults filled in: (ignore_index, label_smoothing, softcap, vocab_start,
+    vocab_total, logit_scale, temperature)."""
+    return tuple(args) + (0, -1, 1.0, 1.0)[len(args) - 3 :]
 
 
 def _forward_setup_context(ctx, inputs, output):
@@ -139,7 +153,7 @@ def _forward_setup_context(ctx, inputs, output):
 
 def _forward_backward(ctx, grad_loss: Tensor, grad_lse: Tensor, _grad_mass):
     logits, target, weight, lse, mass = ctx.saved_tensors
-    _, label_smoothing, softcap, _, _ = ctx.options
+    _, label_smoothing, softcap, _, _, logit_scale, temperature = ctx.options
     grad_loss = torch.zeros_like(lse) if grad_loss is None else grad_loss.to(lse.dtype)
     grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.to(lse.dtype)
     grad_logits = grad_target = None
@@ -154,7 +168,7 @@ def _forward_backward(ctx, grad_loss: Tensor, grad_lse: Tensor, _grad_mass):
     if ctx.needs_input_grad[1] and target.is_floating_point():
         # d loss_i / d q_ic = (1 - label_smoothing) * w_c * (lse_i - z_c): rare (e.g. a
         # learned teacher), so it is composed from torch ops rather than fused.
-        z = _softcapped(logits, softcap, lse.dtype)
+        z = mapped_logits(logits, softcap, logit_scale, temperature, lse.dtype)
         grad = (lse.unsqueeze(1) - z) * (grad_loss * (1.0 - label_smoothing)).unsqueeze(1)
         if weight is not None:
             grad = grad * weight
@@ -170,14 +184,15 @@ torch.library.register_autograd(
 @torch.library.register_fake("fused_ce::cross_entropy_backward_into_")
 def _backward_into_fake(
     grad, logits, target, weight, lse, p_coef, t_coef, keep_where_one, ignore_index, label_smoothing, softcap,
-    vocab_start=0, vocab_total=-1,
+    vocab_start=0, vocab_total=-1, logit_scale=1.0, temperature=1.0,
 ):
     return None
 
 
 @torch.library.register_fake("fused_ce::cross_entropy_backward_")
 def _backward_inplace_fake(
-    logits, target, weight, lse, p_coef, t_coef, ignore_index, label_smoothing, softcap, vocab_start=0, vocab_total=-1
+    logits, target, weight, lse, p_coef, t_coef, ignore_index, label_smoothing, softcap, vocab_start=0, vocab_total=-1,
+    logit_scale=1.0, temperature=1.0,
 ):
     return None
 
@@ -234,33 +249,38 @@ torch.library.register_autograd("fused_ce::cross_entropy_fused", _fused_backward
 
 
 @torch.library.register_fake("fused_ce::entropy_forward")
-def _entropy_forward_fake(logits):
+def _entropy_forward_fake(logits, temperature=1.0):
     rows = logits.new_empty(logits.shape[0], dtype=accumulate_dtype(logits.dtype))
     return rows, torch.empty_like(rows)
 
 
 @torch.library.register_fake("fused_ce::entropy_backward")
-def _entropy_backward_fake(logits, entropy, lse, grad_entropy):
+def _entropy_backward_fake(logits, entropy, lse, grad_entropy, temperature=1.0):
     return logits.new_empty(logits.shape)
 
 
 def _entropy_setup_context(ctx, inputs, output):
-    (logits,) = inputs
+    logits, *temperature = inputs
     entropy, lse = output
     ctx.save_for_backward(logits, entropy, lse)
+    ctx.temperature = temperature[0] if temperature else 1.0
+    ctx.num_inputs = len(inputs)
     ctx.mark_non_differentiable(lse)
 
 
 def _entropy_backward(ctx, grad_entropy: Tensor, _grad_lse):
     logits, entropy, lse = ctx.saved_tensors
     g = grad_entropy.to(lse.dtype)
-    if torch.is_grad_enabled():  # create_graph=True: dH/dz = p (lse - z - H) as torch ops
-        z = logits.to(lse.dtype)
+    t = ctx.temperature
+    if torch.is_grad_enabled():  # create_graph=True: dH/dx = p (lse - z - H) / T as torch ops
+        z = logits.to(lse.dtype) / t
         logp = torch.log_softmax(z, dim=1)
         p = logp.exp()
         h = -(torch.xlogy(p, p)).sum(1, keepdim=True)
-        return (g.unsqueeze(1) * torch.where(p == 0, 0.0, p * (-logp - h))).to(logits.dtype)
-    return torch.ops.fused_ce.entropy_backward(logits, entropy, lse, g)
+        grad = (g / t).unsqueeze(1) * torch.where(p == 0, 0.0, p * (-logp - h))
+        return (grad.to(logits.dtype),) + (None,) * (ctx.num_inputs - 1)
+    grad = torch.ops.fused_ce.entropy_backward(logits, entropy, lse, g, t)
+    return (grad,) + (None,) * (ctx.num_inputs - 1)
 
 
 torch.library.register_autograd("fused_ce::entropy_forward", _entropy_backward, setup_context=_entropy_setup_context)

@@ -64,6 +64,8 @@ def slice_cross_entropy(
     label_smoothing: float = 0.0,
     softcap: float | None = None,
     loss_dtype: torch.dtype | None = None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
 ) -> Tensor:
     """This vocabulary slice's part of the cross-entropy, given the log-sum-exp of the other classes.
 
@@ -74,7 +76,8 @@ def slice_cross_entropy(
             (after the soft-cap, if any; ``-inf`` where there is none).
         reduction: ``'none'`` (default), ``'sum'``, or ``'mean'`` (over the non-ignored
             rows): the parts of all slices, reduced alike, sum to the full loss.
-        ignore_index, label_smoothing, softcap, loss_dtype: as :func:`fused_ce.cross_entropy`.
+        ignore_index, label_smoothing, softcap, loss_dtype, temperature, logit_scale: as
+            :func:`fused_ce.cross_entropy` (``lse_rest`` then of the divided logits).
 
     Returns:
         The slice's part of the loss (the batch shape for ``'none'``, else a scalar).
@@ -83,6 +86,8 @@ def slice_cross_entropy(
     checks.check_label_smoothing(label_smoothing)
     checks.check_ignore_index(ignore_index)
     cap = checks.softcap_option(softcap)
+    checks.check_positive(temperature, "temperature")
+    checks.check_positive(logit_scale, "logit_scale")
     checks.check_floating(logits, "logits")
     checks.check_floating(lse_rest, "lse_rest")
     if logits.dim() == 0 or logits.shape[-1] == 0:
@@ -103,7 +108,8 @@ def slice_cross_entropy(
                        probs_allowed=False)
     x = as_rows(logits, -1)
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    options = (ignore_index, label_smoothing * 1.0, cap, vocab_start, vocab_total)
+    options = (ignore_index, label_smoothing * 1.0, cap, vocab_start, vocab_total, logit_scale * 1.0,
+               temperature * 1.0)
     part, _lse = _SlicePart.apply(x, lse_rest.reshape(-1).to(acc), rows, options)
     counted = CountedRows.of_targets(rows, x.shape[0], None, ignore_index)
     out_dtype = result_dtype(logits.dtype, logits.device.type, loss_dtype)

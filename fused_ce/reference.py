@@ -46,6 +46,8 @@ def cross_entropy_reference(
     softcap: float | None = None,
     z_loss: float = 0.0,
     return_lse: bool = False,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
 ):
     """``F.cross_entropy`` in float64 from the formulas in this module's docstring.
 
@@ -54,7 +56,8 @@ def cross_entropy_reference(
     batch shape, or class probabilities in the input's shape. ``softcap`` (not an
     ``F.cross_entropy`` option) applies ``z = softcap * tanh(x / softcap)`` first.
     ``z_loss`` adds ``z_loss * lse**2`` for every non-ignored row (under ``'mean'``
-    divided by the number of such rows, unweighted).
+    divided by the number of such rows, unweighted). ``logit_scale`` multiplies the
+    logits first and ``temperature`` divides them last: ``softcap(logit_scale * x) / T``.
     Returns a float64 tensor: the batch shape for ``'none'``, else a scalar; with
     ``return_lse``, ``(loss, lse)`` with lse in the batch shape.
     """
@@ -63,9 +66,10 @@ def cross_entropy_reference(
     x = input.to(torch.float64)
     class_dim = 0 if x.dim() == 1 else 1
     num_classes = x.shape[class_dim]
-    z = x.movedim(class_dim, -1)  # (..., C): the batch shape, then classes
+    z = x.movedim(class_dim, -1) * logit_scale  # (..., C): the batch shape, then classes
     if softcap is not None and softcap > 0:
         z = softcap * torch.tanh(z / softcap)
+    z = z / temperature
     lse = torch.logsumexp(z, dim=-1, keepdim=True)
 
     w = torch.ones(num_classes, dtype=torch.float64, device=x.device)
@@ -114,16 +118,19 @@ def _reduce(loss, z_terms, reduction, target, w, safe_y, valid):
 
 
 def torch_cross_entropy(
-    input: Tensor, target: Tensor, *, softcap: float | None = None, z_loss: float = 0.0, **kwargs
+    input: Tensor, target: Tensor, *, softcap: float | None = None, z_loss: float = 0.0, temperature: float = 1.0,
+    logit_scale: float = 1.0, **kwargs
 ) -> Tensor:
     """fused_ce's loss as a PyTorch user composes it from torch ops, at the input's dtype.
 
-    ``F.cross_entropy(softcap * tanh(input / softcap), target, **kwargs)`` plus
+    ``F.cross_entropy(softcap * tanh(logit_scale * input / softcap) / temperature, target, **kwargs)`` plus
     ``z_loss * lse**2`` per counted row (under ``'mean'`` averaged over those rows):
     the baseline fused_ce's options are compared with in tests and benchmarks. The
     layouts are ``F.cross_entropy``'s (classes in dimension 1).
     """
-    z = softcap * torch.tanh(input / softcap) if softcap is not None else input
+    z = input * logit_scale if logit_scale != 1.0 else input
+    z = softcap * torch.tanh(z / softcap) if softcap is not None else z
+    z = z / temperature if temperature != 1.0 else z
     if not target.is_floating_point():
         target = target.long()  # F.cross_entropy takes int64 (or uint8) class indices only
     loss = torch.nn.functional.cross_entropy(z, target, **kwargs)
@@ -181,9 +188,9 @@ def distillation_reference(student, teacher, kind="forward_kl", beta=0.5, temper
     return alpha * ce + (1 - alpha) * div
 
 
-def entropy_reference(logits: Tensor) -> Tensor:
-    """``-sum_c p_c log p_c`` of ``softmax(logits)`` over the last dimension, in float64 (0 log 0 = 0)."""
-    p = torch.softmax(logits.to(torch.float64), dim=-1)
+def entropy_reference(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """``-sum_c p_c log p_c`` of ``softmax(logits / temperature)`` over the last dimension, in float64 (0 log 0 = 0)."""
+    p = torch.softmax(logits.to(torch.float64) / temperature, dim=-1)
     return -torch.xlogy(p, p).sum(-1)
 
 

@@ -456,6 +456,8 @@ _FLOAT_OPTIONS = {
     "z_loss": (1e-4, 2e-4, 3e-4),
     "softcap": (20.0, 25.0, 30.0),
     "label_smoothing": (0.05, 0.1, 0.2),
+    "temperature": (0.7, 1.3, 2.0),
+    "logit_scale": (0.5, 0.8, 1.5),
 }
 
 

@@ -28,6 +28,7 @@ transformers = pytest.importorskip("transformers")
 
 import fused_ce  # noqa: E402
 import fused_ce.integrations.transformers as fused_hf  # noqa: E402
+from fused_ce.integrations._model_code import logit_transform  # noqa: E402
 from fused_ce.memory import measure_peak_mb  # noqa: E402
 
 VOCAB = 97
@@ -347,7 +348,7 @@ def test_refuses_a_custom_loss_function():
 def test_refuses_an_unknown_forward():
     # Bamba adds a z-loss computed from the logits after the loss: it cannot be fused here.
     with pytest.raises(NotImplementedError, match="uses the logits for more than the loss"):
-        fused_hf._logit_transform(transformers.BambaForCausalLM)
+        logit_transform(transformers.BambaForCausalLM)
     # A subclass whose forward post-processes the logits another way.
     class Scaled(transformers.LlamaForCausalLM):
         def forward(self, input_ids=None, labels=None, **kwargs):

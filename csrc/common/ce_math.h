@@ -240,6 +240,39 @@ FUSED_CE_HOST_DEVICE T softcap_slope(T z, T inv_cap) {
   return T(1) - u * u;
 }
 
+// The logits the loss sees, from the input x: z = post * softcap(pre * x), with pre a
+// logit scale (Cohere's, Granite's), the soft-cap of Gemma 2 (cap <= 0: off) and
+// post = 1 / temperature -- the cap first, then the temperature, as a model outputs
+// capped logits and sampling divides those. Without a cap it is one multiply by
+// pre * post. Every member is exact for the identity (pre = post = 1), so results
+// without a scale or a temperature are bitwise those of the soft-cap alone.
+template <typename acc_t>
+struct LogitMap {
+  acc_t pre = 1, post = 1, cap = 0, inv_cap = 0;
+
+  FUSED_CE_HOST_DEVICE bool identity() const { return pre == acc_t(1) && post == acc_t(1) && !(cap > acc_t(0)); }
+
+  template <typename T>
+  FUSED_CE_HOST_DEVICE T value(T x) const {
+    return cap > acc_t(0) ? T(post) * softcap_value(x * T(pre), T(cap), T(inv_cap)) : x * T(pre * post);
+  }
+  // dz/dx, written in terms of z.
+  template <typename T>
+  FUSED_CE_HOST_DEVICE T slope(T z) const {
+    return cap > acc_t(0) ? T(pre * post) * softcap_slope(z, T(inv_cap / post)) : T(pre * post);
+  }
+};
+
+template <typename acc_t>
+inline LogitMap<acc_t> make_logit_map(double logit_scale, double softcap, double temperature) {
+  LogitMap<acc_t> m;
+  m.pre = acc_t(logit_scale);
+  m.post = acc_t(1.0 / temperature);
+  m.cap = softcap > 0 ? acc_t(softcap) : acc_t(0);
+  m.inv_cap = softcap > 0 ? acc_t(1.0 / softcap) : acc_t(0);
+  return m;
+}
+
 // One gradient entry before the soft-cap chain rule: p_coef * softmax_c - t_coef * T_c.
 template <typename T>
 FUSED_CE_HOST_DEVICE T grad_value(T prob, T t, T p_coef, T t_coef) {

@@ -56,6 +56,14 @@ inline void check_forward_args(const at::Tensor& logits, const at::Tensor& targe
                     softcap);
 }
 
+// The logits the loss sees are softcap(logit_scale * x) / temperature (LogitMap in ce_math.h).
+inline void check_logit_map(double logit_scale, double temperature) {
+  TORCH_CHECK_VALUE(std::isfinite(logit_scale) && logit_scale > 0.0, "logit_scale must be finite and > 0, got ",
+                    logit_scale);
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0, "temperature must be finite and > 0, got ",
+                    temperature);
+}
+
 // Per-row tensors (statistics and coefficients) are in the accumulation dtype.
 inline void check_row_vector(const at::Tensor& t, const char* name, const at::Tensor& logits) {
   TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == logits.size(0), name, " must have shape [", logits.size(0), "], got ",

@@ -59,8 +59,9 @@ void check_target_range(const at::Tensor& target, int64_t num_classes, int64_t i
 
 KernelArgs make_args(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                      int64_t ignore_index, double label_smoothing, double softcap, int64_t vocab_start,
-                     int64_t vocab_total) {
+                     int64_t vocab_total, double logit_scale, double temperature) {
   check_forward_args(logits, target, weight, label_smoothing, softcap);
+  check_logit_map(logit_scale, temperature);
   const VocabSlice vocab = vocab_slice(logits, vocab_start, vocab_total);
   check_target_range(target, vocab.total, ignore_index);
   return {logits,
@@ -69,7 +70,9 @@ KernelArgs make_args(const at::Tensor& logits, const at::Tensor& target, const s
           ignore_index,
           target_spec(label_smoothing, vocab),
           softcap,
-          vocab};
+          vocab,
+          logit_scale,
+          temperature};
 }
 
 // The gradient is the one N x V buffer the ops allocate. Faulting in a fresh
@@ -95,9 +98,11 @@ at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits, const at::Tensor& target,
                                                            const std::optional<at::Tensor>& weight,
                                                            int64_t ignore_index, double label_smoothing, double softcap,
-                                                           int64_t vocab_start, int64_t vocab_total) {
+                                                           int64_t vocab_start, int64_t vocab_total, double logit_scale,
+    double temperature) {
   const KernelArgs args =
-      make_args(logits, target, weight, ignore_index, label_smoothing, softcap, vocab_start, vocab_total);
+      make_args(logits, target, weight, ignore_index, label_smoothing, softcap, vocab_start, vocab_total,
+                logit_scale, temperature);
   const auto opts = logits.options().dtype(accumulate_type(logits.scalar_type()));
   at::Tensor loss = at::empty({logits.size(0)}, opts);
   at::Tensor lse = at::empty({logits.size(0)}, opts);
@@ -112,9 +117,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_into(const at::Tensor& logi
                                                           const at::Tensor& row_scale,
                                                           const std::optional<at::Tensor>& z_scale,
                                                           int64_t ignore_index, double label_smoothing, double softcap,
-                                                          int64_t vocab_start, int64_t vocab_total, at::Tensor grad) {
+                                                          int64_t vocab_start, int64_t vocab_total, double logit_scale,
+    double temperature, at::Tensor grad) {
   const KernelArgs args =
-      make_args(logits, target, weight, ignore_index, label_smoothing, softcap, vocab_start, vocab_total);
+      make_args(logits, target, weight, ignore_index, label_smoothing, softcap, vocab_start, vocab_total,
+                logit_scale, temperature);
   check_fused_args(logits, row_scale, z_scale);
   const auto opts = logits.options().dtype(accumulate_type(logits.scalar_type()));
   at::Tensor objective = at::empty({logits.size(0)}, opts);
@@ -129,38 +136,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_into(const at::Tensor& logi
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cpu(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const at::Tensor& row_scale, const std::optional<at::Tensor>& z_scale, int64_t ignore_index, double label_smoothing,
-    double softcap, int64_t vocab_start, int64_t vocab_total) {
+    double softcap, int64_t vocab_start, int64_t vocab_total, double logit_scale,
+    double temperature) {
   at::Tensor grad = empty_large(logits.sizes(), logits.options());
   auto [objective, lse, mass] = fused_into(logits, target, weight, row_scale, z_scale, ignore_index, label_smoothing,
-                                           softcap, vocab_start, vocab_total, grad);
+                                           softcap, vocab_start, vocab_total, logit_scale, temperature, grad);
   return {objective, lse, mass, grad};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_inplace_cpu(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const at::Tensor& row_scale, const std::optional<at::Tensor>& z_scale, int64_t ignore_index, double label_smoothing,
-    double softcap, int64_t vocab_start, int64_t vocab_total) {
+    double softcap, int64_t vocab_start, int64_t vocab_total, double logit_scale,
+    double temperature) {
   return fused_into(logits, target, weight, row_scale, z_scale, ignore_index, label_smoothing, softcap, vocab_start,
-                    vocab_total, logits);
+                    vocab_total, logit_scale, temperature, logits);
 }
 
-std::tuple<at::Tensor, at::Tensor> entropy_forward_cpu(const at::Tensor& logits) {
+std::tuple<at::Tensor, at::Tensor> entropy_forward_cpu(const at::Tensor& logits, double temperature) {
   check_entropy_args(logits);
+  check_logit_map(1.0, temperature);
   const auto opts = logits.options().dtype(accumulate_type(logits.scalar_type()));
   at::Tensor entropy = at::empty({logits.size(0)}, opts);
   at::Tensor lse = at::empty({logits.size(0)}, opts);
-  FUSED_CE_CPU_CALL(entropy_forward, logits, entropy, lse);
+  FUSED_CE_CPU_CALL(entropy_forward, logits, temperature, entropy, lse);
   return {entropy, lse};
 }
 
 at::Tensor entropy_backward_cpu(const at::Tensor& logits, const at::Tensor& entropy, const at::Tensor& lse,
-                                const at::Tensor& grad_entropy) {
+                                const at::Tensor& grad_entropy, double temperature) {
   check_entropy_args(logits);
+  check_logit_map(1.0, temperature);
   check_row_vector(entropy, "entropy", logits);
   check_row_vector(lse, "lse", logits);
   check_row_vector(grad_entropy, "grad_entropy", logits);
   at::Tensor grad = empty_large(logits.sizes(), logits.options());
-  FUSED_CE_CPU_CALL(entropy_backward, logits, entropy.contiguous(), lse.contiguous(), grad_entropy, grad);
+  FUSED_CE_CPU_CALL(entropy_backward, logits, temperature, entropy.contiguous(), lse.contiguous(), grad_entropy,
+                    grad);
   return grad;
 }
 
@@ -170,46 +182,51 @@ void scale_rows_cpu(const at::Tensor& rows, const at::Tensor& scale) {
   FUSED_CE_CPU_CALL(scale_rows, r, scale);
 }
 
-at::Tensor backward_cpu(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                        const at::Tensor& lse, const at::Tensor& p_coef, const at::Tensor& t_coef, int64_t ignore_index,
-                        double label_smoothing, double softcap, int64_t vocab_start, int64_t vocab_total) {
+// The three backward ops: the gradient for per-row coefficients into `grad` (a new
+// buffer, another one, or the logits themselves); rows with keep_where_one == 1 are
+// left as they are (keep_where_one may be undefined).
+void backward_checked(at::Tensor grad, const at::Tensor& logits, const at::Tensor& target,
+                      const std::optional<at::Tensor>& weight, const at::Tensor& lse, const at::Tensor& p_coef,
+                      const at::Tensor& t_coef, const at::Tensor& keep_where_one, int64_t ignore_index,
+                      double label_smoothing, double softcap, int64_t vocab_start, int64_t vocab_total, double logit_scale,
+    double temperature) {
   const KernelArgs args =
-      make_args(logits, target, weight, ignore_index, label_smoothing, softcap, vocab_start, vocab_total);
+      make_args(logits, target, weight, ignore_index, label_smoothing, softcap, vocab_start, vocab_total,
+                logit_scale, temperature);
   check_row_vector(lse, "lse", logits);
   check_row_vector(p_coef, "p_coef", logits);
   check_row_vector(t_coef, "t_coef", logits);
+  if (keep_where_one.defined()) check_row_vector(keep_where_one, "keep_where_one", logits);
+  FUSED_CE_CPU_CALL(backward, args, lse.contiguous(), p_coef.contiguous(), t_coef.contiguous(), keep_where_one, grad);
+}
+
+at::Tensor backward_cpu(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                        const at::Tensor& lse, const at::Tensor& p_coef, const at::Tensor& t_coef, int64_t ignore_index,
+                        double label_smoothing, double softcap, int64_t vocab_start, int64_t vocab_total, double logit_scale,
+    double temperature) {
   at::Tensor grad = empty_large(logits.sizes(), logits.options());
-  FUSED_CE_CPU_CALL(backward, args, lse.contiguous(), p_coef.contiguous(), t_coef.contiguous(), at::Tensor(), grad);
+  backward_checked(grad, logits, target, weight, lse, p_coef, t_coef, at::Tensor(), ignore_index, label_smoothing,
+                   softcap, vocab_start, vocab_total, logit_scale, temperature);
   return grad;
 }
 
 void backward_into_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
                        const std::optional<at::Tensor>& weight, const at::Tensor& lse, const at::Tensor& p_coef,
                        const at::Tensor& t_coef, const at::Tensor& keep_where_one, int64_t ignore_index,
-                       double label_smoothing, double softcap, int64_t vocab_start, int64_t vocab_total) {
-  const KernelArgs args =
-      make_args(logits, target, weight, ignore_index, label_smoothing, softcap, vocab_start, vocab_total);
-  check_row_vector(lse, "lse", logits);
-  check_row_vector(p_coef, "p_coef", logits);
-  check_row_vector(t_coef, "t_coef", logits);
-  check_row_vector(keep_where_one, "keep_where_one", logits);
+                       double label_smoothing, double softcap, int64_t vocab_start, int64_t vocab_total, double logit_scale,
+    double temperature) {
   check_grad_buffer(grad, logits);
   at::assert_no_overlap(grad, logits);  // in place is cross_entropy_backward_
-  at::Tensor g = grad;
-  FUSED_CE_CPU_CALL(backward, args, lse.contiguous(), p_coef.contiguous(), t_coef.contiguous(), keep_where_one, g);
+  backward_checked(grad, logits, target, weight, lse, p_coef, t_coef, keep_where_one, ignore_index, label_smoothing,
+                   softcap, vocab_start, vocab_total, logit_scale, temperature);
 }
 
 void backward_inplace_cpu(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                           const at::Tensor& lse, const at::Tensor& p_coef, const at::Tensor& t_coef,
                           int64_t ignore_index, double label_smoothing, double softcap, int64_t vocab_start,
-                          int64_t vocab_total) {
-  const KernelArgs args =
-      make_args(logits, target, weight, ignore_index, label_smoothing, softcap, vocab_start, vocab_total);
-  check_row_vector(lse, "lse", logits);
-  check_row_vector(p_coef, "p_coef", logits);
-  check_row_vector(t_coef, "t_coef", logits);
-  at::Tensor g = logits;
-  FUSED_CE_CPU_CALL(backward, args, lse.contiguous(), p_coef.contiguous(), t_coef.contiguous(), at::Tensor(), g);
+                          int64_t vocab_total, double logit_scale, double temperature) {
+  backward_checked(logits, logits, target, weight, lse, p_coef, t_coef, at::Tensor(), ignore_index, label_smoothing,
+                   softcap, vocab_start, vocab_total, logit_scale, temperature);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_forward_cpu(const at::Tensor& student,

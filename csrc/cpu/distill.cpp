@@ -16,6 +16,7 @@
 
 #include "common/distill_math.h"
 #include "cpu/kernels.h"
+#include "cpu/vec.h"
 
 #ifndef CPU_CAPABILITY
 #error "distill.cpp is compiled once per CPU_CAPABILITY by setup.py"
@@ -24,27 +25,6 @@
 namespace fused_ce::cpu {
 namespace CPU_CAPABILITY {
 namespace {
-
-using at::vec::Vectorized;
-
-template <typename scalar_t>
-using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
-constexpr int64_t kBlock = 2048;
-
-template <typename scalar_t>
-int64_t grain(int64_t num_classes) {
-  return std::max<int64_t>(1, 16384 / std::max<int64_t>(num_classes, 1));
-}
-
-template <typename scalar_t>
-void store_vec(const Vectorized<acc_type<scalar_t>>& v, scalar_t* p, int64_t count) {
-  if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
-    at::vec::convert_from_float<scalar_t>(v, v).store(p, count);
-  } else {
-    v.store(p, count);
-  }
-}
 
 // x / T for a block of n logits into buf (acc dtype), padded with -inf to whole vectors.
 template <typename scalar_t, typename acc_t>
@@ -65,7 +45,7 @@ RowStats<acc_t> block_lse(const acc_t* v, int64_t padded) {
   Vec vmax(neg_inf<acc_t>());
   for (int64_t j = 0; j < padded; j += W) vmax = at::vec::maximum(vmax, Vec::loadu(v + j));
   RowStats<acc_t> s = empty_row_stats<acc_t>();
-  s.max = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
+  s.max = reduce_max(vmax);
   if (s.max == neg_inf<acc_t>()) return s;
   if (!std::isfinite(s.max)) {  // NaN or +inf: the row's lse is NaN, as in PyTorch
     s.sum = std::numeric_limits<acc_t>::quiet_NaN();
@@ -75,9 +55,9 @@ RowStats<acc_t> block_lse(const acc_t* v, int64_t padded) {
   Vec vsum(0);
   for (int64_t j = 0; j < padded; j += W) {
     const Vec e = Vec::loadu(v + j) - m;
-    vsum += std::is_same_v<acc_t, float> ? e.exp_u20() : e.exp();
+    vsum += exp_bounded(e);
   }
-  s.sum = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, vsum);
+  s.sum = reduce_sum(vsum);
   return s;
 }
 
@@ -149,7 +129,7 @@ void distill_forward_impl(const DistillArgs& args, at::Tensor& loss_out, at::Ten
   const int64_t N = args.student.size(0);
   with_kind(args.kind, [&](auto kind) {
     constexpr DistillKind kKind = decltype(kind)::value;
-    at::parallel_for(0, N, grain<scalar_t>(rows.num_classes), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N, grain_rows(rows.num_classes), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> s(kBlock), t(kBlock);
       const Vec vbeta(rows.beta);
       for (int64_t i = begin; i < end; ++i) {
@@ -160,8 +140,8 @@ void distill_forward_impl(const DistillArgs& args, at::Tensor& loss_out, at::Ten
           value += term.value;
           r += term.aux;
         });
-        loss[i] = at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, value);
-        aux[i] = at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, r);
+        loss[i] = reduce_sum(value);
+        aux[i] = reduce_sum(r);
         lse_s[i] = ls;
         lse_t[i] = lt;
       }
@@ -185,7 +165,7 @@ void distill_backward_impl(const DistillArgs& args, const at::Tensor& aux_in, co
   const int64_t N = args.student.size(0), V = rows.num_classes;
   with_kind(args.kind, [&](auto kind) {
     constexpr DistillKind kKind = decltype(kind)::value;
-    at::parallel_for(0, N, grain<scalar_t>(V), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> s(kBlock), t(kBlock);
       const Vec vbeta(rows.beta);
       for (int64_t i = begin; i < end; ++i) {

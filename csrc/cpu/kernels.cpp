@@ -9,6 +9,7 @@
 // block's statistics merge into the row's by the online log-sum-exp
 // (common/ce_math.h). Each logit is read from memory once and needs one exp.
 #include "cpu/kernels.h"
+#include "cpu/vec.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -29,80 +30,23 @@ namespace fused_ce::cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
-using at::vec::Vectorized;
-
-// fp32 math for fp32/fp16/bf16 logits, fp64 for fp64.
+// z = map(x) (common/ce_math.h: scale, soft-cap, temperature) for n entries into buf,
+// padded with -inf to whole vectors; returns the padded length.
 template <typename scalar_t>
-using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
-// 2048 fp32 logits and their target weights (16 KB) stay in L1 between the
-// max pass and the exp pass of a block.
-constexpr int64_t kBlock = 2048;
-
-template <typename scalar_t>
-Vectorized<acc_type<scalar_t>> load_vec(const scalar_t* p) {
-  if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
-    Vectorized<float> out;
-    at::vec::load_to_float(p, out);
-    return out;
-  } else {
-    return Vectorized<scalar_t>::loadu(p);
-  }
-}
-
-template <typename scalar_t>
-void store_vec(const Vectorized<acc_type<scalar_t>>& v, scalar_t* p, int64_t count) {
-  if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
-    at::vec::convert_from_float<scalar_t>(v, v).store(p, count);
-  } else {
-    v.store(p, count);
-  }
-}
-
-// exp of arguments that are finite or -inf (z - max, z - lse): for float the
-// polynomial exp_u20 (20 ulp, 2x faster than Sleef's); float64 stays exact.
-template <typename acc_t>
-Vectorized<acc_t> exp_bounded(const Vectorized<acc_t>& x) {
-  if constexpr (std::is_same_v<acc_t, float>) {
-    return x.exp_u20();
-  } else {
-    return x.exp();
-  }
-}
-
-// Rows per parallel task: about 32k logits, at least one row.
-inline int64_t grain_rows(int64_t num_classes) {
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(num_classes, 1));
-}
-
-template <typename acc_t>
-acc_t reduce_sum(const Vectorized<acc_t>& v) {
-  return at::vec::vec_reduce_all<acc_t>([](Vectorized<acc_t>& a, Vectorized<acc_t>& b) { return a + b; }, v);
-}
-
-template <typename acc_t>
-acc_t reduce_max(const Vectorized<acc_t>& v) {
-  return at::vec::vec_reduce_all<acc_t>(
-      [](Vectorized<acc_t>& a, Vectorized<acc_t>& b) { return at::vec::maximum(a, b); }, v);
-}
-
-// z = softcap(x) (cap <= 0: off) for n entries into buf, padded with -inf to whole
-// vectors; returns the padded length.
-template <typename scalar_t>
-int64_t load_logits_block(const scalar_t* x, int64_t n, acc_type<scalar_t>* buf, acc_type<scalar_t> cap,
-                          acc_type<scalar_t> inv_cap) {
+int64_t load_logits_block(const scalar_t* x, int64_t n, acc_type<scalar_t>* buf,
+                          const LogitMap<acc_type<scalar_t>>& map) {
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   int64_t j = 0;
   for (; j + W <= n; j += W) {
     Vec z = load_vec(x + j);
-    if (cap > 0) z = softcap_value(z, Vec(cap), Vec(inv_cap));
+    if (!map.identity()) z = map.value(z);
     z.store(buf + j);
   }
   for (; j < n; ++j) {
     const acc_t v = static_cast<acc_t>(x[j]);
-    buf[j] = cap > 0 ? softcap_value(v, cap, inv_cap) : v;
+    buf[j] = map.identity() ? v : map.value(v);
   }
   for (; j % W; ++j) buf[j] = neg_inf<acc_t>();
   return j;
@@ -127,7 +71,7 @@ struct Problem {
   int64_t ignore_index;
   int64_t vocab_start;  // class-index targets are global: this slice holds [vocab_start, vocab_start + V)
   acc_t on_target, smoothing;
-  acc_t cap, inv_cap;
+  LogitMap<acc_t> map;  // the logits the loss sees (scale, soft-cap, temperature)
 
   explicit Problem(const KernelArgs& a)
       : logits(a.logits.const_data_ptr<scalar_t>()),
@@ -137,8 +81,7 @@ struct Problem {
         vocab_start(a.vocab.start),
         on_target(a.spec.on_target),
         smoothing(a.spec.smoothing),
-        cap(a.softcap > 0 ? acc_t(a.softcap) : acc_t(0)),
-        inv_cap(a.softcap > 0 ? acc_t(1) / acc_t(a.softcap) : acc_t(0)) {
+        map(make_logit_map<acc_t>(a.logit_scale, a.softcap, a.temperature)) {
     if (a.target.is_floating_point()) {
       target_probs = a.target.const_data_ptr<scalar_t>();
       target_stride = a.target.stride(0);
@@ -167,19 +110,20 @@ struct Problem {
 
   acc_t logit(const scalar_t* x, int64_t c) const {
     const acc_t v = static_cast<acc_t>(x[c]);
-    return cap > 0 ? softcap_value(v, cap, inv_cap) : v;
+    return map.identity() ? v : map.value(v);
   }
 
   acc_t class_weight(int64_t c) const { return weight ? weight[c] : acc_t(1); }
 
   // Whether a block of n logits can be read where it is: already in the accumulation
-  // dtype, no soft-cap, whole vectors (else load_logits copies it, padded, to L1).
+  // dtype, the logits themselves (no scale, soft-cap or temperature), whole vectors
+  // (else load_logits copies it, padded, to L1).
   bool reads_in_place(int64_t n) const {
-    return std::is_same_v<scalar_t, acc_t> && cap <= acc_t(0) && n % kWidth == 0;
+    return std::is_same_v<scalar_t, acc_t> && map.identity() && n % kWidth == 0;
   }
 
   int64_t load_logits(const scalar_t* x, int64_t n, acc_t* buf) const {
-    return load_logits_block(x, n, buf, cap, inv_cap);
+    return load_logits_block(x, n, buf, map);
   }
 
   // The spread part of T for classes [b, b + n), padded with 0.
@@ -265,7 +209,7 @@ struct Problem {
     // A NaN or infinite lse (NaN or +inf logits, or only -inf ones) makes the
     // row's softmax NaN, as in PyTorch; otherwise exp's arguments are <= 0.
     const bool finite_lse = std::isfinite(lse);
-    const Vec vlse(lse), vpc(pc), vtc(tc), vinv_cap(inv_cap), zero(0);
+    const Vec vlse(lse), vpc(pc), vtc(tc), zero(0);
     const Vec nan(std::numeric_limits<acc_t>::quiet_NaN());
     for (int64_t b = 0; b < num_classes; b += kBlock) {
       const int64_t n = std::min(kBlock, num_classes - b);
@@ -281,7 +225,7 @@ struct Problem {
         const Vec zj = Vec::loadu(zb + j);
         const Vec tj = r.spread ? Vec::loadu(t + j) : zero;
         Vec gj = grad_value(finite_lse ? exp_bounded(zj - vlse) : nan, tj, vpc, vtc);
-        if (cap > 0) gj = gj * softcap_slope(zj, vinv_cap);
+        if (!map.identity()) gj = gj * map.slope(zj);
         store_vec(gj, g + b + j, std::min(kWidth, n - j));
       }
     }
@@ -291,7 +235,7 @@ struct Problem {
       const acc_t ty = class_weight(y) * (on_target + (r.spread ? smoothing : acc_t(0)));
       const acc_t py = finite_lse ? exp_(zy - lse) : std::numeric_limits<acc_t>::quiet_NaN();
       acc_t gy = grad_value(py, ty, pc, tc);
-      if (cap > 0) gy *= softcap_slope(zy, inv_cap);
+      if (!map.identity()) gy *= map.slope(zy);
       g[y] = static_cast<scalar_t>(gy);
     }
   }
@@ -362,7 +306,8 @@ void backward_impl(const KernelArgs& args, const at::Tensor& lse_in, const at::T
 // Entropy of softmax rows (see EntropyStats in common/ce_math.h), block by block
 // like the cross-entropy statistics.
 template <typename scalar_t>
-void entropy_forward_impl(const at::Tensor& logits, at::Tensor& entropy_out, at::Tensor& lse_out) {
+void entropy_forward_impl(const at::Tensor& logits, double temperature, at::Tensor& entropy_out,
+                          at::Tensor& lse_out) {
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
@@ -370,13 +315,14 @@ void entropy_forward_impl(const at::Tensor& logits, at::Tensor& entropy_out, at:
   acc_t* entropy = entropy_out.data_ptr<acc_t>();
   acc_t* lse = lse_out.data_ptr<acc_t>();
   const int64_t N = logits.size(0), V = logits.size(1), stride = logits.stride(0);
+  const auto map = make_logit_map<acc_t>(1.0, 0.0, temperature);
   at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> z(kBlock);
     for (int64_t i = begin; i < end; ++i) {
       EntropyStats<acc_t> st = empty_entropy_stats<acc_t>();
       for (int64_t b = 0; b < V; b += kBlock) {
         const int64_t padded =
-            load_logits_block(data + i * stride + b, std::min(kBlock, V - b), z.data(), acc_t(0), acc_t(0));
+            load_logits_block(data + i * stride + b, std::min(kBlock, V - b), z.data(), map);
         Vec vmax(neg_inf<acc_t>());
         for (int64_t j = 0; j < padded; j += W) vmax = at::vec::maximum(vmax, Vec::loadu(z.data() + j));
         EntropyStats<acc_t> blk{reduce_max(vmax), acc_t(0), acc_t(0)};
@@ -404,8 +350,8 @@ void entropy_forward_impl(const at::Tensor& logits, at::Tensor& entropy_out, at:
 }
 
 template <typename scalar_t>
-void entropy_backward_impl(const at::Tensor& logits, const at::Tensor& entropy_in, const at::Tensor& lse_in,
-                           const at::Tensor& grad_entropy_in, at::Tensor& grad_out) {
+void entropy_backward_impl(const at::Tensor& logits, double temperature, const at::Tensor& entropy_in,
+                           const at::Tensor& lse_in, const at::Tensor& grad_entropy_in, at::Tensor& grad_out) {
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
@@ -416,11 +362,12 @@ void entropy_backward_impl(const at::Tensor& logits, const at::Tensor& entropy_i
   const int64_t g_stride = grad_entropy_in.stride(0);
   scalar_t* grad = grad_out.data_ptr<scalar_t>();
   const int64_t N = logits.size(0), V = logits.size(1), stride = logits.stride(0);
+  const auto map = make_logit_map<acc_t>(1.0, 0.0, temperature);
   at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> z(kBlock);
     for (int64_t i = begin; i < end; ++i) {
       scalar_t* g = grad + i * V;
-      const acc_t gi = grad_entropy[i * g_stride];
+      const acc_t gi = grad_entropy[i * g_stride] * map.post;  // dz/dx = 1 / temperature
       if (gi == acc_t(0)) {
         std::fill(g, g + V, scalar_t(0));
         continue;
@@ -429,7 +376,7 @@ void entropy_backward_impl(const at::Tensor& logits, const at::Tensor& entropy_i
       const Vec vlse(lse[i]), vh(entropy[i]), vg(gi), zero(0), nan(std::numeric_limits<acc_t>::quiet_NaN());
       for (int64_t b = 0; b < V; b += kBlock) {
         const int64_t n = std::min(kBlock, V - b);
-        load_logits_block(data + i * stride + b, n, z.data(), acc_t(0), acc_t(0));
+        load_logits_block(data + i * stride + b, n, z.data(), map);
         for (int64_t j = 0; j < n; j += W) {
           const Vec zj = Vec::loadu(z.data() + j);
           const Vec p = finite ? exp_bounded(zj - vlse) : nan;
@@ -478,15 +425,16 @@ void backward(const KernelArgs& args, const at::Tensor& lse, const at::Tensor& p
   });
 }
 
-void entropy_forward(const at::Tensor& logits, at::Tensor& entropy, at::Tensor& lse) {
+void entropy_forward(const at::Tensor& logits, double temperature, at::Tensor& entropy, at::Tensor& lse) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "fused_ce_entropy_forward_cpu",
-                                  [&] { entropy_forward_impl<scalar_t>(logits, entropy, lse); });
+                                  [&] { entropy_forward_impl<scalar_t>(logits, temperature, entropy, lse); });
 }
 
-void entropy_backward(const at::Tensor& logits, const at::Tensor& entropy, const at::Tensor& lse,
-                      const at::Tensor& grad_entropy, at::Tensor& grad) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "fused_ce_entropy_backward_cpu",
-                                  [&] { entropy_backward_impl<scalar_t>(logits, entropy, lse, grad_entropy, grad); });
+void entropy_backward(const at::Tensor& logits, double temperature, const at::Tensor& entropy,
+                      const at::Tensor& lse, const at::Tensor& grad_entropy, at::Tensor& grad) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, logits.scalar_type(), "fused_ce_entropy_backward_cpu",
+      [&] { entropy_backward_impl<scalar_t>(logits, temperature, entropy, lse, grad_entropy, grad); });
 }
 
 void scale_rows(at::Tensor& rows, const at::Tensor& scale) {

@@ -19,6 +19,8 @@ struct KernelArgs {
   TargetSpec spec;
   double softcap;    // <= 0: off
   VocabSlice vocab;  // the classes the logits hold; class-index targets are global
+  double logit_scale = 1.0;  // z = softcap(logit_scale * x) / temperature (common/ce_math.h, LogitMap)
+  double temperature = 1.0;
 };
 
 // The gradient written by the forward pass itself (see objective() in
@@ -51,9 +53,9 @@ struct DistillArgs {
   /* rows [N, V] *= scale [N] (any strides); rows whose scale is 1 are skipped */                                  \
   void scale_rows(at::Tensor& rows, const at::Tensor& scale);                                                      \
   /* entropy, lse [N] of softmax(logits [N, V]); its backward into grad [N, V] contiguous */                       \
-  void entropy_forward(const at::Tensor& logits, at::Tensor& entropy, at::Tensor& lse);                            \
-  void entropy_backward(const at::Tensor& logits, const at::Tensor& entropy, const at::Tensor& lse,                \
-                        const at::Tensor& grad_entropy, at::Tensor& grad);                                         \
+  void entropy_forward(const at::Tensor& logits, double temperature, at::Tensor& entropy, at::Tensor& lse);       \
+  void entropy_backward(const at::Tensor& logits, double temperature, const at::Tensor& entropy,                   \
+                        const at::Tensor& lse, const at::Tensor& grad_entropy, at::Tensor& grad);                  \
   /* the divergence per row, its statistic R (distill_math.h) and both rows' lse [N]; the student's gradient */     \
   void distill_forward(const DistillArgs& args, at::Tensor& loss, at::Tensor& aux, at::Tensor& lse_student,         \
                        at::Tensor& lse_teacher);                                                                   \

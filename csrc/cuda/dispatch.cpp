@@ -18,10 +18,21 @@
 namespace fused_ce::cuda {
 namespace {
 
+// logit_scale and temperature (LogitMap in common/ce_math.h) are in the CPU kernels;
+// the CUDA kernels take them once the lean kernels of issue 13 have landed.
+void check_identity_logit_map(double logit_scale, double temperature) {
+  check_logit_map(logit_scale, temperature);
+  TORCH_CHECK_NOT_IMPLEMENTED(logit_scale == 1.0 && temperature == 1.0,
+                              "logit_scale and temperature are not in fused_ce's CUDA kernels yet; run on the CPU, "
+                              "or scale the logits before the loss");
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& logits, const at::Tensor& target,
                                                             const std::optional<at::Tensor>& weight,
                                                             int64_t ignore_index, double label_smoothing,
-                                                            double softcap, int64_t vocab_start, int64_t vocab_total) {
+                                                            double softcap, int64_t vocab_start, int64_t vocab_total,
+    double logit_scale, double temperature) {
+  check_identity_logit_map(logit_scale, temperature);
   check_forward_args(logits, target, weight, label_smoothing, softcap);
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor target_rows = target.is_floating_point() ? target : target.contiguous();
@@ -73,7 +84,9 @@ void backward_into(const at::Tensor& grad, const at::Tensor& logits, const at::T
 at::Tensor backward_cuda(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                          const at::Tensor& lse, const at::Tensor& p_coef, const at::Tensor& t_coef,
                          int64_t ignore_index, double label_smoothing, double softcap, int64_t vocab_start,
-                         int64_t vocab_total) {
+                         int64_t vocab_total,
+    double logit_scale, double temperature) {
+  check_identity_logit_map(logit_scale, temperature);
   at::Tensor grad = at::empty(logits.sizes(), logits.options());
   backward_into(grad, logits, target, weight, lse, p_coef, t_coef, nullptr, ignore_index, label_smoothing, softcap,
                 vocab_start, vocab_total);
@@ -83,7 +96,9 @@ at::Tensor backward_cuda(const at::Tensor& logits, const at::Tensor& target, con
 void backward_into_cuda(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
                         const std::optional<at::Tensor>& weight, const at::Tensor& lse, const at::Tensor& p_coef,
                         const at::Tensor& t_coef, const at::Tensor& keep_where_one, int64_t ignore_index,
-                        double label_smoothing, double softcap, int64_t vocab_start, int64_t vocab_total) {
+                        double label_smoothing, double softcap, int64_t vocab_start, int64_t vocab_total,
+    double logit_scale, double temperature) {
+  check_identity_logit_map(logit_scale, temperature);
   at::assert_no_overlap(grad, logits);  // in place is cross_entropy_backward_
   backward_into(grad, logits, target, weight, lse, p_coef, t_coef, &keep_where_one, ignore_index, label_smoothing,
                 softcap, vocab_start, vocab_total);
@@ -92,7 +107,9 @@ void backward_into_cuda(const at::Tensor& grad, const at::Tensor& logits, const 
 void backward_inplace_cuda(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                            const at::Tensor& lse, const at::Tensor& p_coef, const at::Tensor& t_coef,
                            int64_t ignore_index, double label_smoothing, double softcap, int64_t vocab_start,
-                           int64_t vocab_total) {
+                           int64_t vocab_total,
+    double logit_scale, double temperature) {
+  check_identity_logit_map(logit_scale, temperature);
   backward_into(logits, logits, target, weight, lse, p_coef, t_coef, nullptr, ignore_index, label_smoothing, softcap,
                 vocab_start, vocab_total);
 }
@@ -132,7 +149,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_into(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cuda(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const at::Tensor& row_scale, const std::optional<at::Tensor>& z_scale, int64_t ignore_index, double label_smoothing,
-    double softcap, int64_t vocab_start, int64_t vocab_total) {
+    double softcap, int64_t vocab_start, int64_t vocab_total,
+    double logit_scale, double temperature) {
+  check_identity_logit_map(logit_scale, temperature);
   at::Tensor grad = at::empty(logits.sizes(), logits.options());
   auto [objective, lse, mass] = fused_into(logits, target, weight, row_scale, z_scale, ignore_index, label_smoothing,
                                            softcap, vocab_start, vocab_total, grad);
@@ -142,7 +161,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_inplace_cuda(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const at::Tensor& row_scale, const std::optional<at::Tensor>& z_scale, int64_t ignore_index, double label_smoothing,
-    double softcap, int64_t vocab_start, int64_t vocab_total) {
+    double softcap, int64_t vocab_start, int64_t vocab_total,
+    double logit_scale, double temperature) {
+  check_identity_logit_map(logit_scale, temperature);
   return fused_into(logits, target, weight, row_scale, z_scale, ignore_index, label_smoothing, softcap, vocab_start,
                     vocab_total, logits);
 }
@@ -155,8 +176,9 @@ EntropyArgs<scalar_t> entropy_args(const at::Tensor& logits, at::Tensor& entropy
   return a;
 }
 
-std::tuple<at::Tensor, at::Tensor> entropy_forward_cuda(const at::Tensor& logits) {
+std::tuple<at::Tensor, at::Tensor> entropy_forward_cuda(const at::Tensor& logits, double temperature) {
   check_entropy_args(logits);
+  check_identity_logit_map(1.0, temperature);
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto opts = logits.options().dtype(accumulate_type(logits.scalar_type()));
   at::Tensor entropy = at::empty({logits.size(0)}, opts);
@@ -169,8 +191,9 @@ std::tuple<at::Tensor, at::Tensor> entropy_forward_cuda(const at::Tensor& logits
 }
 
 at::Tensor entropy_backward_cuda(const at::Tensor& logits, const at::Tensor& entropy, const at::Tensor& lse,
-                                 const at::Tensor& grad_entropy) {
+                                 const at::Tensor& grad_entropy, double temperature) {
   check_entropy_args(logits);
+  check_identity_logit_map(1.0, temperature);
   check_row_vector(entropy, "entropy", logits);
   check_row_vector(lse, "lse", logits);
   check_row_vector(grad_entropy, "grad_entropy", logits);

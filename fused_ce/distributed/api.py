@@ -19,8 +19,10 @@ from ..ops import accumulate_dtype
 from .merge import Plan, backward_coefficients, denominator_of, make_plan, merge, owned_target_weight, slice_statistics
 
 
-def _check_options(reduction, label_smoothing, ignore_index, z_loss, softcap):
+def _check_options(reduction, label_smoothing, ignore_index, z_loss, softcap, temperature=1.0, logit_scale=1.0):
     """Checks the loss options as fused_ce.cross_entropy does; returns the soft-cap as the ops take it."""
+    checks.check_positive(temperature, "temperature")
+    checks.check_positive(logit_scale, "logit_scale")
     checks.check_reduction(reduction)
     checks.check_z_loss(z_loss)
     checks.check_label_smoothing(label_smoothing)
@@ -74,7 +76,8 @@ def _head(x, weight, bias, rows, class_weight, plan: Plan, chunk: tuple[int, int
 
     chunk: (rows, classes) per block."""
     return Head(x, weight, bias, rows, class_weight, plan.ignore_index, plan.label_smoothing, plan.softcap, chunk[0],
-                plan.vocab_start, plan.vocab_total, classes=chunk[1])
+                plan.vocab_start, plan.vocab_total, classes=chunk[1], logit_scale=plan.logit_scale,
+                temperature=plan.temperature)
 
 
 class _VocabParallelLinearRows(torch.autograd.Function):
@@ -137,6 +140,8 @@ def vocab_parallel_cross_entropy(
     vocab_start: int | None = None,
     vocab_total: int | None = None,
     loss_dtype: torch.dtype | None = None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
 ) -> Tensor:
     """Cross-entropy of logits whose classes are sharded across the ranks of ``group``.
 
@@ -169,6 +174,8 @@ def vocab_parallel_cross_entropy(
             synchronisation per call); without them it is found each call.
         loss_dtype: the result's dtype, as :func:`fused_ce.cross_entropy`'s (default:
             the logits', float32 for fp16/bf16 under autocast).
+        temperature, logit_scale: as :func:`fused_ce.cross_entropy`'s: the loss of
+            ``softcap(logit_scale * logits) / temperature``, inside the kernels.
 
     Returns:
         The loss: a scalar, or ``logits_shard.shape[:-1]`` for ``'none'``; the same on
@@ -180,7 +187,7 @@ def vocab_parallel_cross_entropy(
     SUM all-reduce of ``3N`` (``+1``) values instead. Backward: none. Memory: the
     logits are kept for backward (no copy), plus a few per-row vectors.
     """
-    cap = _check_options(reduction, label_smoothing, ignore_index, z_loss, softcap)
+    cap = _check_options(reduction, label_smoothing, ignore_index, z_loss, softcap, temperature, logit_scale)
     checks.check_floating(logits_shard, "logits_shard")
     if logits_shard.dim() == 0 or logits_shard.shape[-1] == 0:
         raise checks.ArgumentError(
@@ -192,7 +199,7 @@ def vocab_parallel_cross_entropy(
     rows = _target_rows(target, logits_shard, "logits_shard")
     class_weight = _class_weight(weight, local_size, logits_shard, "weight")
     plan = make_plan(local_size, group, logits_shard.device, vocab_sizes, vocab_start, vocab_total, ignore_index,
-                      label_smoothing, cap)
+                      label_smoothing, cap, logit_scale, temperature)
 
     logits = as_rows(logits_shard, -1)
     loss, lse, denominator = _VocabParallelRows.apply(logits, rows, class_weight, plan)
@@ -219,6 +226,8 @@ def vocab_parallel_linear_cross_entropy(
     vocab_start: int | None = None,
     vocab_total: int | None = None,
     loss_dtype: torch.dtype | None = None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
 ) -> Tensor:
     """``vocab_parallel_cross_entropy(F.linear(input, weight_shard, bias_shard), target)`` without the logits.
 
@@ -267,7 +276,7 @@ def vocab_parallel_linear_cross_entropy(
         The loss (dtype as :func:`vocab_parallel_cross_entropy`'s), the same on every
         rank (shape ``input.shape[:-1]`` for ``'none'``).
     """
-    cap = _check_options(reduction, label_smoothing, ignore_index, z_loss, softcap)
+    cap = _check_options(reduction, label_smoothing, ignore_index, z_loss, softcap, temperature, logit_scale)
     checks.check_floating(input, "input")
     checks.check_floating(weight_shard, "weight_shard")
     if torch.is_autocast_enabled(input.device.type):
@@ -303,7 +312,7 @@ def vocab_parallel_linear_cross_entropy(
     rows = _target_rows(target, input, "input")
     cw = _class_weight(class_weight, local_size, input, "class_weight")
     plan = make_plan(local_size, group, input.device, vocab_sizes, vocab_start, vocab_total, ignore_index,
-                      label_smoothing, cap)
+                      label_smoothing, cap, logit_scale, temperature)
 
     x = input.reshape(math.prod(batch_shape), hidden)
     chunk = chunk_plan(local_size, input.dtype, input.device, chunk_size,

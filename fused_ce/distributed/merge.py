@@ -33,11 +33,14 @@ class Plan:
     ignore_index: int
     label_smoothing: float
     softcap: float  # 0 = off, as the ops take it
+    logit_scale: float = 1.0
+    temperature: float = 1.0
 
     @property
     def op_options(self) -> tuple:
         """The trailing arguments of the fused_ce ops."""
-        return (self.ignore_index, self.label_smoothing, self.softcap, self.vocab_start, self.vocab_total)
+        return (self.ignore_index, self.label_smoothing, self.softcap, self.vocab_start, self.vocab_total,
+                self.logit_scale, self.temperature)
 
 
 def _group_layout(group) -> tuple[int, int]:
@@ -94,10 +97,12 @@ def _vocab_range(local_size: int, rank: int, world_size: int, group, device, voc
     return sum(sizes[:rank]), sum(sizes)
 
 
-def make_plan(local_size, group, device, vocab_sizes, vocab_start, vocab_total, ignore_index, label_smoothing, cap):
+def make_plan(local_size, group, device, vocab_sizes, vocab_start, vocab_total, ignore_index, label_smoothing, cap,
+              logit_scale=1.0, temperature=1.0):
     rank, world_size = _group_layout(group)
     start, total = _vocab_range(local_size, rank, world_size, group, device, vocab_sizes, vocab_start, vocab_total)
-    return Plan(group, world_size, start, total, ignore_index, float(label_smoothing), cap)
+    return Plan(group, world_size, start, total, ignore_index, float(label_smoothing), cap, logit_scale * 1.0,
+                temperature * 1.0)
 
 
 def _all_gather(out: Tensor, inp: Tensor, group) -> None:

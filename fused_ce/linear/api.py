@@ -85,6 +85,8 @@ def linear_cross_entropy(
     chunk_size: int | tuple[int | None, int] | None = None,
     loss_dtype: torch.dtype | None = None,
     shift: int = 0,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
 ) -> Tensor:
     """``F.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` without the logits.
 
@@ -121,6 +123,8 @@ def linear_cross_entropy(
             count for nothing, and ``'none'`` returns ``(..., T - shift)``. The hidden
             states are not copied (their last rows are computed and ignored), only the
             target is shifted.
+        temperature, logit_scale: as :func:`fused_ce.cross_entropy`'s: the loss of
+            ``softcap(logit_scale * logits) / temperature``, inside the kernels.
 
     Returns:
         The loss: a scalar, or input's batch shape for ``'none'``.
@@ -133,17 +137,20 @@ def linear_cross_entropy(
     if shift:
         return _shifted(input, linear_weight, target, shift, linear_bias=linear_bias, weight=weight,
                         reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                        z_loss=z_loss, softcap=softcap, chunk_size=chunk_size, loss_dtype=loss_dtype)
+                        z_loss=z_loss, softcap=softcap, chunk_size=chunk_size, loss_dtype=loss_dtype,
+                        temperature=temperature, logit_scale=logit_scale)
     if dtensor.is_dtensor(linear_weight) or dtensor.is_dtensor(input):
         return dtensor.linear_cross_entropy(
             input, linear_weight, target, linear_bias=linear_bias, weight=weight, reduction=reduction,
             ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-            chunk_size=chunk_size, loss_dtype=loss_dtype,
+            chunk_size=chunk_size, loss_dtype=loss_dtype, temperature=temperature, logit_scale=logit_scale,
         )
     checks.check_reduction(reduction)
     checks.check_z_loss(z_loss)
     cap = checks.softcap_option(softcap)
     checks.check_label_smoothing(label_smoothing)
+    checks.check_positive(temperature, "temperature")
+    checks.check_positive(logit_scale, "logit_scale")
     ignore_index_given = ignore_index is not None
     ignore_index = -100 if ignore_index is None else ignore_index
     checks.check_ignore_index(ignore_index)
@@ -166,7 +173,7 @@ def linear_cross_entropy(
     x = input.reshape(math.prod(batch_shape), in_features)
     if num_classes == 0:  # no classes, no logits to save: F.cross_entropy's answer, on an empty matmul
         loss = cross_entropy(F.linear(x, linear_weight, linear_bias), rows, weight, ignore_index, reduction,
-                             label_smoothing, loss_dtype=out_dtype)
+                             label_smoothing, loss_dtype=out_dtype, temperature=temperature, logit_scale=logit_scale)
         return loss.reshape(batch_shape) if reduction == "none" else loss
     if not rows.is_floating_point():
         checks.validate_targets_if_asked(rows, num_classes, ignore_index)
@@ -180,7 +187,7 @@ def linear_cross_entropy(
     )
     plan = chunk_plan(num_classes, input.dtype, input.device, chunk_size, weight_grad=needs[1])
     args = (x, linear_weight, linear_bias, rows, class_weight)
-    options = (ignore_index, label_smoothing * 1.0, cap, *plan)
+    options = (ignore_index, label_smoothing * 1.0, cap, logit_scale * 1.0, temperature * 1.0, *plan)
     if any(needs) and reduction != "none":
         row_scale, z_scale = row_scales(counted, x.shape[0], reduction, z_loss, input.device, acc)
         objective, *_ = fused_op(*args, row_scale, z_scale, *options, *needs)
@@ -240,12 +247,16 @@ class LinearCrossEntropyLoss(nn.Module):
         softcap: float | None = None,
         chunk_size: int | tuple[int | None, int] | None = None,
         loss_dtype: torch.dtype | None = None,
+        temperature: float = 1.0,
+        logit_scale: float = 1.0,
     ) -> None:
         if weight is not None and tuple(weight.shape) != (num_classes,):
             raise checks.ArgumentError(f"weight must have shape ({num_classes},), got {tuple(weight.shape)}")
         checks.check_label_smoothing(label_smoothing)
         checks.check_z_loss(z_loss)
         checks.softcap_option(softcap)
+        checks.check_positive(temperature, "temperature")
+        checks.check_positive(logit_scale, "logit_scale")
         if chunk_size is not None:
             chunk_plan(num_classes, torch.float32, torch.device("cpu"), chunk_size)
         if tuple(out_features) != ():
@@ -262,6 +273,8 @@ class LinearCrossEntropyLoss(nn.Module):
         self.softcap = softcap
         self.chunk_size = chunk_size
         self.loss_dtype = loss_dtype
+        self.temperature = temperature
+        self.logit_scale = logit_scale
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return linear_cross_entropy(
@@ -277,6 +290,8 @@ class LinearCrossEntropyLoss(nn.Module):
             softcap=self.softcap,
             chunk_size=self.chunk_size,
             loss_dtype=self.loss_dtype,
+            temperature=self.temperature,
+            logit_scale=self.logit_scale,
         )
 
     def extra_repr(self) -> str:

@@ -58,6 +58,8 @@ class Head:
     vocab_start: int = 0
     vocab_total: int = -1
     classes: int = -1
+    logit_scale: float = 1.0  # the logits the loss sees: softcap(logit_scale * z) / temperature
+    temperature: float = 1.0
 
     @property
     def num_rows(self) -> int:
@@ -147,7 +149,7 @@ class _Blocks:
         else:
             total = h.vocab_total if h.vocab_total >= 0 else h.num_classes
             vocab = (h.vocab_start + classes.start, total)
-        return (target, weight, h.ignore_index, h.label_smoothing, h.softcap) + vocab
+        return (target, weight, h.ignore_index, h.label_smoothing, h.softcap) + vocab + (h.logit_scale, h.temperature)
 
 
 class _Gradients:

@@ -22,9 +22,10 @@ from .loops import Head, fused_objective_and_gradients, shard_gradients, shard_s
 from .plan import grad_weight_dtype
 
 
-def _head(input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, softcap, rows, classes):
+def _head(input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, softcap, logit_scale,
+          temperature, rows, classes):
     return Head(input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, softcap, rows,
-                classes=classes)
+                classes=classes, logit_scale=logit_scale, temperature=temperature)
 
 
 @torch.library.custom_op("fused_ce::linear_cross_entropy_forward", mutates_args=())
@@ -37,12 +38,14 @@ def forward_op(
     ignore_index: int,
     label_smoothing: float,
     softcap: float,
+    logit_scale: float,
+    temperature: float,
     chunk_rows: int,
     chunk_classes: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row (loss, lse, mass) ``[N]`` of ``cross_entropy_forward(input @ linear_weight.T + linear_bias)``."""
     head = _head(input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, softcap,
-                 chunk_rows, chunk_classes)
+                 logit_scale, temperature, chunk_rows, chunk_classes)
     return shard_statistics(head)
 
 
@@ -59,6 +62,8 @@ def backward_op(
     ignore_index: int,
     label_smoothing: float,
     softcap: float,
+    logit_scale: float,
+    temperature: float,
     chunk_rows: int,
     chunk_classes: int,
     input_grad: bool,
@@ -68,7 +73,7 @@ def backward_op(
     """Gradients (input [N, D], weight [V, D], bias [V]; accumulation dtype, empty if not asked for)
     of the loss terms with the per-row coefficients p_coef, t_coef (see ops.py)."""
     head = _head(input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, softcap,
-                 chunk_rows, chunk_classes)
+                 logit_scale, temperature, chunk_rows, chunk_classes)
     needs = (input_grad, weight_grad, bias_grad and linear_bias is not None)
     return shard_gradients(head, lse, p_coef, t_coef, needs)
 
@@ -85,6 +90,8 @@ def fused_op(
     ignore_index: int,
     label_smoothing: float,
     softcap: float,
+    logit_scale: float,
+    temperature: float,
     chunk_rows: int,
     chunk_classes: int,
     input_grad: bool,
@@ -93,7 +100,7 @@ def fused_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(objective [], lse [N], mass [N], grad_input, grad_weight, grad_bias): see fused_objective_and_gradients."""
     head = _head(input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, softcap,
-                 chunk_rows, chunk_classes)
+                 logit_scale, temperature, chunk_rows, chunk_classes)
     needs = (input_grad, weight_grad, bias_grad and linear_bias is not None)
     return fused_objective_and_gradients(head, row_scale, z_scale, needs)
 
@@ -107,21 +114,21 @@ def _grad_fakes(input, linear_weight, linear_bias, chunk_rows, needs):
 
 
 @forward_op.register_fake
-def _(input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, softcap, chunk_rows,
-      chunk_classes):
+def _(input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, softcap, logit_scale,
+      temperature, chunk_rows, chunk_classes):
     acc = accumulate_dtype(input.dtype)
     return tuple(input.new_empty(input.shape[0], dtype=acc) for _ in range(3))
 
 
 @backward_op.register_fake
 def _(input, linear_weight, linear_bias, target, weight, lse, p_coef, t_coef, ignore_index, label_smoothing, softcap,
-      chunk_rows, chunk_classes, input_grad, weight_grad, bias_grad):
+      logit_scale, temperature, chunk_rows, chunk_classes, input_grad, weight_grad, bias_grad):
     return _grad_fakes(input, linear_weight, linear_bias, chunk_rows, (input_grad, weight_grad, bias_grad))
 
 
 @fused_op.register_fake
 def _(input, linear_weight, linear_bias, target, weight, row_scale, z_scale, ignore_index, label_smoothing, softcap,
-      chunk_rows, chunk_classes, input_grad, weight_grad, bias_grad):
+      logit_scale, temperature, chunk_rows, chunk_classes, input_grad, weight_grad, bias_grad):
     acc = accumulate_dtype(input.dtype)
     rows = tuple(input.new_empty(input.shape[0], dtype=acc) for _ in range(2))
     return (input.new_empty((), dtype=acc),) + rows + _grad_fakes(
@@ -154,7 +161,8 @@ def _differentiable_gradients(ctx, loss_coef: Tensor, lse_coef_fn, needs) -> tup
     """
     input, linear_weight, linear_bias, target, weight = ctx.saved_tensors[:5]
     logits = F.linear(input, linear_weight, linear_bias)
-    options = ctx.options + (0, -1)
+    ignore_index, label_smoothing, softcap, logit_scale, temperature = ctx.options
+    options = (ignore_index, label_smoothing, softcap, 0, -1, logit_scale, temperature)
     grad_logits = gradient_by_formula(logits, target, weight, options, loss_coef, lse_coef_fn)
     grads = (grad_logits @ linear_weight, grad_logits.t() @ input, grad_logits.sum(0))
     return tuple(g if need else None for g, need in zip(grads, needs))
@@ -165,10 +173,10 @@ def _needs(ctx) -> tuple[bool, bool, bool]:
 
 
 def _forward_setup_context(ctx, inputs, output):
-    input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, softcap, *plan = inputs
+    input, linear_weight, linear_bias, target, weight, *options_and_plan = inputs
     _loss, lse, mass = output
     ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, lse, mass)
-    ctx.options = (ignore_index, label_smoothing, softcap)
+    ctx.options, plan = tuple(options_and_plan[:5]), options_and_plan[5:]
     ctx.plan = tuple(plan)
     ctx.mark_non_differentiable(mass)
     ctx.set_materialize_grads(False)
@@ -176,7 +184,7 @@ def _forward_setup_context(ctx, inputs, output):
 
 def _forward_backward(ctx, grad_loss, grad_lse, _grad_mass):
     if grad_loss is None and grad_lse is None:
-        return (None,) * 10
+        return (None,) * 12
     lse, mass = ctx.saved_tensors[5:7]
     grad_loss = torch.zeros_like(lse) if grad_loss is None else grad_loss.to(lse.dtype)
     grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.to(lse.dtype)
@@ -185,7 +193,7 @@ def _forward_backward(ctx, grad_loss, grad_lse, _grad_mass):
         grads = _differentiable_gradients(ctx, grad_loss, lambda _: grad_lse, needs)
     else:
         grads = _recomputed_gradients(ctx, grad_loss * mass + grad_lse, grad_loss, needs)
-    return grads + (None,) * 7
+    return grads + (None,) * 9
 
 
 forward_op.register_autograd(_forward_backward, setup_context=_forward_setup_context)
@@ -193,10 +201,10 @@ forward_op.register_autograd(_forward_backward, setup_context=_forward_setup_con
 
 def _fused_setup_context(ctx, inputs, output):
     (input, linear_weight, linear_bias, target, weight, row_scale, z_scale, ignore_index, label_smoothing, softcap,
-     chunk_rows, chunk_classes, *_needs_flags) = inputs
+     logit_scale, temperature, chunk_rows, chunk_classes, *_needs_flags) = inputs
     _objective, lse, mass, grad_input, grad_weight, grad_bias = output
     ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, lse, mass, row_scale, z_scale)
-    ctx.options = (ignore_index, label_smoothing, softcap)
+    ctx.options = (ignore_index, label_smoothing, softcap, logit_scale, temperature)
     ctx.plan = (chunk_rows, chunk_classes)
     # Held outside save_for_backward (and detached, so no cycle through a grad_fn):
     # the first eager backward hands these very buffers on and drops them here.
@@ -209,7 +217,7 @@ def _fused_setup_context(ctx, inputs, output):
 
 def _fused_backward(ctx, grad_objective, _grad_lse, _grad_mass, _gi, _gw, _gb):
     needs = _needs(ctx)
-    no_grads = (None,) * 12
+    no_grads = (None,) * 14
     if grad_objective is None:
         return (None,) * 3 + no_grads
     input, linear_weight, linear_bias, _target, _weight, lse, mass, row_scale, z_scale = ctx.saved_tensors
