@@ -70,6 +70,23 @@ TORCH_LIBRARY(fused_ce, m) {
       "cross_entropy_fused_(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor row_scale, Tensor? z_scale, "
       "int ignore_index, float label_smoothing, float softcap, int vocab_start=0, int vocab_total=-1, float logit_scale=1.0, float temperature=1.0) -> (Tensor "
       "objective, Tensor lse, Tensor mass)");
+  // The .stats overloads: the same, and the row's prediction in the same pass -- the
+  // argmax of the logits the loss sees (the lowest index among ties, a NaN the
+  // largest, as torch.argmax; within these logits) and that logit, for merging slices.
+  m.def(
+      "cross_entropy_forward.stats(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
+      "float label_smoothing, float softcap, int vocab_start=0, int vocab_total=-1, float logit_scale=1.0, "
+      "float temperature=1.0) -> (Tensor loss, Tensor lse, Tensor mass, Tensor argmax, Tensor max_logit)");
+  m.def(
+      "cross_entropy_fused.stats(Tensor logits, Tensor target, Tensor? weight, Tensor row_scale, Tensor? z_scale, "
+      "int ignore_index, float label_smoothing, float softcap, int vocab_start=0, int vocab_total=-1, "
+      "float logit_scale=1.0, float temperature=1.0) -> (Tensor objective, Tensor lse, Tensor mass, Tensor grad, "
+      "Tensor argmax, Tensor max_logit)");
+  m.def(
+      "cross_entropy_fused_.stats(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor row_scale, "
+      "Tensor? z_scale, int ignore_index, float label_smoothing, float softcap, int vocab_start=0, "
+      "int vocab_total=-1, float logit_scale=1.0, float temperature=1.0) -> (Tensor objective, Tensor lse, "
+      "Tensor mass, Tensor argmax, Tensor max_logit)");
   // rows[i] *= scale[i]; a row whose scale is exactly 1 is not touched, which is
   // decided on the device (no host synchronisation).
   m.def("scale_rows_(Tensor(a!) rows, Tensor scale) -> ()");
@@ -116,8 +133,8 @@ void bump_versions_of_written(const c10::OperatorHandle& op, c10::DispatchKeySet
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_ce, ADInplaceOrView, m) {
-  for (const char* name : {"scale_rows_", "cross_entropy_fused_", "cross_entropy_backward_into_",
-                           "cross_entropy_backward_"}) {
+  for (const char* name : {"scale_rows_", "cross_entropy_fused_", "cross_entropy_fused_.stats",
+                           "cross_entropy_backward_into_", "cross_entropy_backward_"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&bump_versions_of_written>());
   }
 }

@@ -17,6 +17,7 @@ except ImportError as e:  # pragma: no cover - depends on the build
 
 from . import ops  # the ops' fake kernels and autograd
 from ._checks import ArgumentError, ArgumentTypeError
+from ._stats import CrossEntropyStats
 from ._version import __version__
 from .distill import distillation_loss
 from .distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
@@ -32,6 +33,7 @@ __all__ = [
     "ArgumentError",
     "ArgumentTypeError",
     "CrossEntropyLoss",
+    "CrossEntropyStats",
     "LinearCrossEntropyLoss",
     "__version__",
     "cross_entropy",

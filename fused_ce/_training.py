@@ -21,8 +21,8 @@ from .ops import accumulate_dtype
 
 
 def fused_loss(logits: Tensor, rows: Tensor, weight, counted: CountedRows, op_options: tuple, z_loss,
-               reduction: str, batch_shape, dtype: torch.dtype, inplace) -> Tensor:
-    """The reduced loss through the training path.
+               reduction: str, batch_shape, dtype: torch.dtype, inplace, with_stats: bool = False):
+    """The reduced loss through the training path; with_stats, also (lse [N], argmax [N]) of the same pass.
 
     ``op_options``: the ops' trailing options, ``(ignore_index, label_smoothing, softcap, vocab_start,
     vocab_total, logit_scale, temperature)``.
@@ -34,10 +34,13 @@ def fused_loss(logits: Tensor, rows: Tensor, weight, counted: CountedRows, op_op
     row_scale, z_scale = row_scales(counted, logits.shape[0], reduction, z_loss, logits.device, acc)
     args = (rows, weight, row_scale, z_scale, *op_options)
     if inplace is not None:
-        objective = _fused_inplace(*inplace, args)
+        objective, stats = _fused_inplace(*inplace, args, with_stats)
     else:
-        objective, _lse, _mass, _grad = torch.ops.fused_ce.cross_entropy_fused(logits, *args)
-    return reduce_objective(objective, counted, reduction, batch_shape, dtype)
+        op = torch.ops.fused_ce.cross_entropy_fused.stats if with_stats else torch.ops.fused_ce.cross_entropy_fused
+        objective, lse, _mass, _grad, *prediction = op(logits, *args)
+        stats = (lse, prediction[0]) if with_stats else None
+    loss = reduce_objective(objective, counted, reduction, batch_shape, dtype)
+    return (loss, *stats) if with_stats else loss
 
 
 def check_inplace(input: Tensor) -> None:
@@ -80,7 +83,7 @@ def _rows_view(t: Tensor, class_dim: int) -> Tensor:
     return moved.reshape(math.prod(moved.shape[:-1]), moved.shape[-1])
 
 
-def _fused_inplace(buffer: Tensor, class_dim: int, args) -> Tensor:
+def _fused_inplace(buffer: Tensor, class_dim: int, args, with_stats: bool):
     """cross_entropy_fused_ with autograd: the gradient overwrites the logits.
 
     A mutating op cannot carry torch.library autograd, and autograd lets a Function
@@ -94,23 +97,24 @@ def _fused_inplace(buffer: Tensor, class_dim: int, args) -> Tensor:
     The Functions take the buffer itself, not a reshaped view of it: in-place work on
     a view makes autograd route the gradient through a CopySlices node, which copies it.
     """
-    objective_box: list[Tensor] = []
-    grad = _GradIntoLogits.apply(buffer, class_dim, objective_box, *args)
-    return _ObjectiveOf.apply(objective_box[0], grad, class_dim)
+    box: list[Tensor] = []  # the op's per-row outputs: objective, lse, (argmax)
+    grad = _GradIntoLogits.apply(buffer, class_dim, box, with_stats, *args)
+    return _ObjectiveOf.apply(box[0], grad, class_dim), (box[1], box[2]) if with_stats else None
 
 
 class _GradIntoLogits(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, buffer, class_dim, objective_box, *args):
-        objective, _lse, _mass = torch.ops.fused_ce.cross_entropy_fused_(_rows_view(buffer, class_dim), *args)
-        objective_box.append(objective)
+    def forward(ctx, buffer, class_dim, box, with_stats, *args):
+        op = torch.ops.fused_ce.cross_entropy_fused_.stats if with_stats else torch.ops.fused_ce.cross_entropy_fused_
+        objective, lse, _mass, *prediction = op(_rows_view(buffer, class_dim), *args)
+        box.extend([objective, lse, *prediction[:1]])
         ctx.mark_dirty(buffer)
         ctx.num_args = len(args)
         return buffer
 
     @staticmethod
     def backward(ctx, grad):
-        return (grad, None, None) + (None,) * ctx.num_args
+        return (grad, None, None, None) + (None,) * ctx.num_args
 
 
 class _ObjectiveOf(torch.autograd.Function):

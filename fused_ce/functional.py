@@ -17,6 +17,7 @@ from . import _checks as checks
 from . import dtensor
 from ._reduce import CountedRows, nan_if_empty, reduce_losses, result_dtype, safe_inverse
 from ._rows import as_rows, target_rows
+from ._stats import make_stats
 from ._training import check_inplace, fused_loss
 from .ops import accumulate_dtype
 
@@ -69,6 +70,7 @@ def cross_entropy(
     loss_dtype: torch.dtype | None = None,
     temperature: float = 1.0,
     logit_scale: float = 1.0,
+    return_stats: bool = False,
     size_average: bool | None = None,
     reduce: bool | None = None,
 ):
@@ -115,6 +117,11 @@ def cross_entropy(
         logit_scale: multiplies the logits before everything else (Cohere's and
             Granite's logit scales), inside the kernels: the loss of
             ``softcap(logit_scale * input) / temperature``.
+        return_stats: return a :class:`fused_ce.CrossEntropyStats` -- the loss, the
+            per-row lse, the z-loss part, the predicted class per row and the token
+            accuracy -- tracked in the same pass as the loss (no second pass over the
+            logits, no host synchronisation; the loss and gradient are bitwise those
+            without it). CPU kernels for now.
         size_average, reduce: deprecated, as in ``F.cross_entropy``.
 
     Returns:
@@ -148,7 +155,11 @@ def cross_entropy(
         raise checks.ArgumentError(
             "inplace_backward=True cannot be combined with return_lse=True: the lse's gradient needs the logits"
         )
+    if return_stats and return_lse:
+        raise checks.ArgumentError("return_stats=True already returns the lse; pass return_lse=False")
     _check_inputs(input, target)
+    if return_stats:
+        checks.check_stats_device(input.device)
     class_dim, batch_shape = _class_layout(input)
     if input.dim() == 1 and not target.is_floating_point() and target.shape == (1,):
         target = target.reshape(())  # as PyTorch: an unbatched input takes a target of shape (1,) too
@@ -164,9 +175,11 @@ def cross_entropy(
     out_dtype = result_dtype(input.dtype, input.device.type, loss_dtype)
     options = (ignore_index, label_smoothing * 1.0, cap, 0, -1, logit_scale * 1.0, temperature * 1.0)
 
+    predicted = None
     if num_classes == 0:
         loss = _no_class_losses(input, logits, rows, ignore_index)
         lse = torch.full_like(loss, -math.inf)
+        predicted = torch.zeros(loss.shape, dtype=torch.long, device=loss.device)
     elif (
         torch.is_grad_enabled() and input.requires_grad and not return_lse and not target.requires_grad
         and (reduction != "none" or inplace_backward) and not torch.compiler.is_compiling()
@@ -184,10 +197,18 @@ def cross_entropy(
             # it; otherwise into the copy as_rows made (still no second buffer).
             shares = logits.untyped_storage().data_ptr() == input.untyped_storage().data_ptr()
             inplace = (input, class_dim) if shares else (logits, 1)
-        return fused_loss(logits, rows, weight, counted, options, z_loss, reduction, batch_shape, out_dtype, inplace)
+        result = fused_loss(logits, rows, weight, counted, options, z_loss, reduction, batch_shape, out_dtype, inplace,
+                            with_stats=return_stats)
+        if not return_stats:
+            return result
+        return make_stats(*result, rows, counted, reduction, z_loss, batch_shape)
     else:
-        loss, lse, _mass = torch.ops.fused_ce.cross_entropy_forward(logits, rows, weight, *options)
+        op = torch.ops.fused_ce.cross_entropy_forward
+        loss, lse, _mass, *prediction = (op.stats if return_stats else op)(logits, rows, weight, *options)
+        predicted = prediction[0] if return_stats else None
     out = reduce_losses(loss, lse, counted, reduction, z_loss, batch_shape, out_dtype)
+    if return_stats:
+        return make_stats(out, lse, predicted, rows, counted, reduction, z_loss, batch_shape)
     return (out, lse.reshape(batch_shape)) if return_lse else out
 
 

@@ -50,6 +50,12 @@ def _forward_fake(
     return rows, torch.empty_like(rows), torch.empty_like(rows)
 
 
+@torch.library.register_fake("fused_ce::cross_entropy_forward.stats")
+def _forward_stats_fake(*args, **kwargs):
+    loss, lse, mass = _forward_fake(*args, **kwargs)
+    return loss, lse, mass, loss.new_empty(loss.shape, dtype=torch.long), torch.empty_like(loss)
+
+
 @torch.library.register_fake("fused_ce::cross_entropy_backward")
 def _backward_fake(
     logits, target, weight, lse, p_coef, t_coef, ignore_index, label_smoothing, softcap, vocab_start=0, vocab_total=-1,
@@ -144,14 +150,14 @@ def _options(args) -> tuple:
 
 def _forward_setup_context(ctx, inputs, output):
     logits, target, weight, *options = inputs
-    _, lse, mass = output
+    _, lse, mass, *prediction = output  # the .stats overload: argmax and its logit too
     ctx.save_for_backward(logits, target, weight, lse, mass)
     ctx.options = _options(options)
     ctx.num_inputs = len(inputs)
-    ctx.mark_non_differentiable(mass)
+    ctx.mark_non_differentiable(mass, *prediction)
 
 
-def _forward_backward(ctx, grad_loss: Tensor, grad_lse: Tensor, _grad_mass):
+def _forward_backward(ctx, grad_loss: Tensor, grad_lse: Tensor, *_grad_mass_and_prediction):
     logits, target, weight, lse, mass = ctx.saved_tensors
     _, label_smoothing, softcap, _, _, logit_scale, temperature = ctx.options
     grad_loss = torch.zeros_like(lse) if grad_loss is None else grad_loss.to(lse.dtype)
@@ -176,9 +182,8 @@ def _forward_backward(ctx, grad_loss: Tensor, grad_lse: Tensor, _grad_mass):
     return (grad_logits, grad_target) + (None,) * (ctx.num_inputs - 2)
 
 
-torch.library.register_autograd(
-    "fused_ce::cross_entropy_forward", _forward_backward, setup_context=_forward_setup_context
-)
+for _name in ("fused_ce::cross_entropy_forward", "fused_ce::cross_entropy_forward.stats"):
+    torch.library.register_autograd(_name, _forward_backward, setup_context=_forward_setup_context)
 
 
 @torch.library.register_fake("fused_ce::cross_entropy_backward_into_")
@@ -197,9 +202,21 @@ def _backward_inplace_fake(
     return None
 
 
+@torch.library.register_fake("fused_ce::cross_entropy_fused.stats")
+def _fused_stats_fake(*args, **kwargs):
+    objective, lse, mass, grad = _fused_fake(*args, **kwargs)
+    return objective, lse, mass, grad, lse.new_empty(lse.shape, dtype=torch.long), torch.empty_like(lse)
+
+
+@torch.library.register_fake("fused_ce::cross_entropy_fused_.stats")
+def _fused_inplace_stats_fake(*args, **kwargs):
+    objective, lse, mass = _fused_inplace_fake(*args, **kwargs)
+    return objective, lse, mass, lse.new_empty(lse.shape, dtype=torch.long), torch.empty_like(lse)
+
+
 def _fused_setup_context(ctx, inputs, output):
     logits, target, weight, row_scale, z_scale, *options = inputs
-    _objective, lse, mass, grad = output
+    _objective, lse, mass, grad, *prediction = output
     ctx.save_for_backward(logits, target, weight, row_scale, z_scale, lse, mass)
     # Held outside save_for_backward (detached: no cycle through a grad_fn): the first
     # eager backward writes into this very buffer and hands it on, then drops it here.
@@ -207,12 +224,12 @@ def _fused_setup_context(ctx, inputs, output):
     ctx.grad = grad.detach()
     ctx.options = _options(options)
     ctx.num_inputs = len(inputs)
-    ctx.mark_non_differentiable(lse, mass, grad)
+    ctx.mark_non_differentiable(lse, mass, grad, *prediction)
     # Otherwise autograd would zero-fill an N x V gradient for the `grad` output.
     ctx.set_materialize_grads(False)
 
 
-def _fused_backward(ctx, grad_objective: Tensor | None, _grad_lse, _grad_mass, _grad_grad):
+def _fused_backward(ctx, grad_objective: Tensor | None, *_grad_others):
     no_grads = (None,) * (ctx.num_inputs - 1)
     if grad_objective is None:
         return (None,) + no_grads
@@ -245,7 +262,8 @@ def _fused_backward(ctx, grad_objective: Tensor | None, _grad_lse, _grad_mass, _
     return (grad,) + no_grads
 
 
-torch.library.register_autograd("fused_ce::cross_entropy_fused", _fused_backward, setup_context=_fused_setup_context)
+for _name in ("fused_ce::cross_entropy_fused", "fused_ce::cross_entropy_fused.stats"):
+    torch.library.register_autograd(_name, _fused_backward, setup_context=_fused_setup_context)
 
 
 @torch.library.register_fake("fused_ce::entropy_forward")

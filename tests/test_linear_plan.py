@@ -103,8 +103,9 @@ def _op_samples(device):
         x, w, target, kwargs = make_problem(option, (7,), 6, 11, dtype, device)
         bias = kwargs.get("linear_bias")
         weight = kwargs.get("weight")
+        # (ignore_index, label_smoothing, softcap, logit_scale, temperature, chunk_rows, chunk_classes)
         options = (kwargs.get("ignore_index", IGNORE), kwargs.get("label_smoothing", 0.0), kwargs.get("softcap") or 0.0,
-                   rows, classes)
+                   1.0 if dtype == torch.bfloat16 else 0.8, 1.0 if rows == ALL_ROWS else 1.6, rows, classes)
         option = f"{option}-rows{rows}-classes{classes}-{dtype_id(dtype)}"
         x.requires_grad_(True)
         w.requires_grad_(True)

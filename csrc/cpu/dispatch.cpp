@@ -95,62 +95,89 @@ at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) 
   return at::empty(sizes, options);
 }
 
+using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The statistics pass: per-row (loss or objective, lse, mass) and, with_argmax, the
+// row's argmax and its logit (the .stats overloads); with grad, the gradient of the
+// objective written to grad in the same pass.
+Stats forward_into(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                   const at::Tensor* row_scale, const std::optional<at::Tensor>& z_scale, int64_t ignore_index,
+                   double label_smoothing, double softcap, int64_t vocab_start, int64_t vocab_total,
+                   double logit_scale, double temperature, const at::Tensor* grad, bool with_argmax) {
+  const KernelArgs args = make_args(logits, target, weight, ignore_index, label_smoothing, softcap, vocab_start,
+                                    vocab_total, logit_scale, temperature);
+  if (grad) check_fused_args(logits, *row_scale, z_scale);
+  const int64_t N = logits.size(0);
+  const auto opts = logits.options().dtype(accumulate_type(logits.scalar_type()));
+  at::Tensor loss = at::empty({N}, opts), lse = at::empty({N}, opts), mass = at::empty({N}, opts);
+  const ArgmaxOutputs argmax{at::empty({with_argmax ? N : 0}, logits.options().dtype(at::kLong)),
+                             at::empty({with_argmax ? N : 0}, opts)};
+  std::optional<GradInForward> with_grad;
+  if (grad) {
+    with_grad = GradInForward{row_scale->contiguous(), z_scale.has_value() ? z_scale->contiguous() : at::Tensor(),
+                              *grad};
+  }
+  FUSED_CE_CPU_CALL(forward, args, loss, lse, mass, with_grad ? &*with_grad : nullptr, with_argmax ? &argmax : nullptr);
+  return {loss, lse, mass, argmax.index, argmax.value};
+}
+
+Stats forward_stats_cpu(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                        int64_t ignore_index, double label_smoothing, double softcap, int64_t vocab_start,
+                        int64_t vocab_total, double logit_scale, double temperature) {
+  return forward_into(logits, target, weight, nullptr, std::nullopt, ignore_index, label_smoothing, softcap,
+                      vocab_start, vocab_total, logit_scale, temperature, nullptr, true);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits, const at::Tensor& target,
                                                            const std::optional<at::Tensor>& weight,
                                                            int64_t ignore_index, double label_smoothing, double softcap,
-                                                           int64_t vocab_start, int64_t vocab_total, double logit_scale,
-    double temperature) {
-  const KernelArgs args =
-      make_args(logits, target, weight, ignore_index, label_smoothing, softcap, vocab_start, vocab_total,
-                logit_scale, temperature);
-  const auto opts = logits.options().dtype(accumulate_type(logits.scalar_type()));
-  at::Tensor loss = at::empty({logits.size(0)}, opts);
-  at::Tensor lse = at::empty({logits.size(0)}, opts);
-  at::Tensor mass = at::empty({logits.size(0)}, opts);
-  FUSED_CE_CPU_CALL(forward, args, loss, lse, mass, nullptr);
+                                                           int64_t vocab_start, int64_t vocab_total,
+                                                           double logit_scale, double temperature) {
+  auto [loss, lse, mass, index, value] =
+      forward_into(logits, target, weight, nullptr, std::nullopt, ignore_index, label_smoothing, softcap,
+                   vocab_start, vocab_total, logit_scale, temperature, nullptr, false);
   return {loss, lse, mass};
 }
 
-// Shared by the out-of-place and in-place fused ops: grad is the buffer to write.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_into(const at::Tensor& logits, const at::Tensor& target,
-                                                          const std::optional<at::Tensor>& weight,
-                                                          const at::Tensor& row_scale,
-                                                          const std::optional<at::Tensor>& z_scale,
-                                                          int64_t ignore_index, double label_smoothing, double softcap,
-                                                          int64_t vocab_start, int64_t vocab_total, double logit_scale,
-    double temperature, at::Tensor grad) {
-  const KernelArgs args =
-      make_args(logits, target, weight, ignore_index, label_smoothing, softcap, vocab_start, vocab_total,
-                logit_scale, temperature);
-  check_fused_args(logits, row_scale, z_scale);
-  const auto opts = logits.options().dtype(accumulate_type(logits.scalar_type()));
-  at::Tensor objective = at::empty({logits.size(0)}, opts);
-  at::Tensor lse = at::empty({logits.size(0)}, opts);
-  at::Tensor mass = at::empty({logits.size(0)}, opts);
-  const GradInForward with_grad{row_scale.contiguous(), z_scale.has_value() ? z_scale->contiguous() : at::Tensor(),
-                                grad};
-  FUSED_CE_CPU_CALL(forward, args, objective, lse, mass, &with_grad);
-  return {objective, lse, mass};
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_stats_cpu(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    const at::Tensor& row_scale, const std::optional<at::Tensor>& z_scale, int64_t ignore_index, double label_smoothing,
+    double softcap, int64_t vocab_start, int64_t vocab_total, double logit_scale, double temperature) {
+  at::Tensor grad = empty_large(logits.sizes(), logits.options());
+  auto [objective, lse, mass, index, value] =
+      forward_into(logits, target, weight, &row_scale, z_scale, ignore_index, label_smoothing, softcap, vocab_start,
+                   vocab_total, logit_scale, temperature, &grad, true);
+  return {objective, lse, mass, grad, index, value};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cpu(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const at::Tensor& row_scale, const std::optional<at::Tensor>& z_scale, int64_t ignore_index, double label_smoothing,
-    double softcap, int64_t vocab_start, int64_t vocab_total, double logit_scale,
-    double temperature) {
+    double softcap, int64_t vocab_start, int64_t vocab_total, double logit_scale, double temperature) {
   at::Tensor grad = empty_large(logits.sizes(), logits.options());
-  auto [objective, lse, mass] = fused_into(logits, target, weight, row_scale, z_scale, ignore_index, label_smoothing,
-                                           softcap, vocab_start, vocab_total, logit_scale, temperature, grad);
+  auto [objective, lse, mass, index, value] =
+      forward_into(logits, target, weight, &row_scale, z_scale, ignore_index, label_smoothing, softcap, vocab_start,
+                   vocab_total, logit_scale, temperature, &grad, false);
   return {objective, lse, mass, grad};
+}
+
+Stats fused_inplace_stats_cpu(const at::Tensor& logits, const at::Tensor& target,
+                              const std::optional<at::Tensor>& weight, const at::Tensor& row_scale,
+                              const std::optional<at::Tensor>& z_scale, int64_t ignore_index, double label_smoothing,
+                              double softcap, int64_t vocab_start, int64_t vocab_total, double logit_scale,
+                              double temperature) {
+  return forward_into(logits, target, weight, &row_scale, z_scale, ignore_index, label_smoothing, softcap,
+                      vocab_start, vocab_total, logit_scale, temperature, &logits, true);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_inplace_cpu(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const at::Tensor& row_scale, const std::optional<at::Tensor>& z_scale, int64_t ignore_index, double label_smoothing,
-    double softcap, int64_t vocab_start, int64_t vocab_total, double logit_scale,
-    double temperature) {
-  return fused_into(logits, target, weight, row_scale, z_scale, ignore_index, label_smoothing, softcap, vocab_start,
-                    vocab_total, logit_scale, temperature, logits);
+    double softcap, int64_t vocab_start, int64_t vocab_total, double logit_scale, double temperature) {
+  auto [objective, lse, mass, index, value] =
+      forward_into(logits, target, weight, &row_scale, z_scale, ignore_index, label_smoothing, softcap, vocab_start,
+                   vocab_total, logit_scale, temperature, &logits, false);
+  return {objective, lse, mass};
 }
 
 std::tuple<at::Tensor, at::Tensor> entropy_forward_cpu(const at::Tensor& logits, double temperature) {
@@ -260,6 +287,9 @@ at::Tensor distill_backward_cpu(const at::Tensor& student, const at::Tensor& tea
 
 TORCH_LIBRARY_IMPL(fused_ce, CPU, m) {
   m.impl("cross_entropy_forward", &forward_cpu);
+  m.impl("cross_entropy_forward.stats", &forward_stats_cpu);
+  m.impl("cross_entropy_fused.stats", &fused_stats_cpu);
+  m.impl("cross_entropy_fused_.stats", &fused_inplace_stats_cpu);
   m.impl("cross_entropy_backward", &backward_cpu);
   m.impl("cross_entropy_backward_into_", &backward_into_cpu);
   m.impl("cross_entropy_backward_", &backward_inplace_cpu);

@@ -52,6 +52,27 @@ int64_t load_logits_block(const scalar_t* x, int64_t n, acc_type<scalar_t>* buf,
   return j;
 }
 
+// The running argmax of a row: the lowest index among ties, a NaN the largest (torch.argmax).
+template <typename acc_t>
+struct Best {
+  acc_t value = neg_inf<acc_t>();
+  int64_t index = 0;
+
+  // A block's values v[0, n) at classes [first, first + n), whose max is block_max: the
+  // first class holding it (a NaN max: the first NaN) replaces the best if larger.
+  void take_block(const acc_t* v, int64_t n, int64_t first, acc_t block_max) {
+    const bool block_nan = block_max != block_max;
+    if (value != value || !(block_nan || block_max > value)) return;  // a NaN stays; ties keep the earlier
+    for (int64_t j = 0; j < n; ++j) {
+      if (block_nan ? v[j] != v[j] : v[j] == block_max) {
+        value = v[j];
+        index = first + j;
+        return;
+      }
+    }
+  }
+};
+
 // What one call needs, hoisted out of the row loop. T_c (common/ce_math.h) is
 // split into its one-hot part (class-index targets: added once per row, at y)
 // and its spread part (smoothing, or probability targets), summed over blocks.
@@ -177,7 +198,9 @@ struct Problem {
   }
 
   // Statistics of a whole row; zy is the (soft-capped) logit of a class-index target.
-  RowStats<acc_t> row_stats(const Row& r, const scalar_t* x, acc_t zy, acc_t* z, acc_t* t) const {
+  // With best, also the row's argmax (see ArgmaxOutputs).
+  RowStats<acc_t> row_stats(const Row& r, const scalar_t* x, acc_t zy, acc_t* z, acc_t* t,
+                            Best<acc_t>* best = nullptr) const {
     RowStats<acc_t> st = empty_row_stats<acc_t>();
     for (int64_t b = 0; b < num_classes; b += kBlock) {
       const int64_t n = std::min(kBlock, num_classes - b);
@@ -190,7 +213,9 @@ struct Problem {
         padded = load_logits(x + b, n, z);
       }
       if (r.spread) load_spread_targets(r, b, n, t);
-      st = merge(st, block_stats(zb, r.spread ? t : nullptr, padded));
+      const RowStats<acc_t> block = block_stats(zb, r.spread ? t : nullptr, padded);
+      if (best) best->take_block(zb, n, b, block.max);
+      st = merge(st, block);
     }
     if (r.index >= 0) add_target(st, on_target * class_weight(r.index), zy);
     return st;
@@ -243,7 +268,7 @@ struct Problem {
 
 template <typename scalar_t>
 void forward_impl(const KernelArgs& args, at::Tensor& loss_out, at::Tensor& lse_out, at::Tensor& mass_out,
-                  const GradInForward* with_grad) {
+                  const GradInForward* with_grad, const ArgmaxOutputs* argmax) {
   using P = Problem<scalar_t>;
   using acc_t = typename P::acc_t;
   const P p(args);
@@ -255,6 +280,8 @@ void forward_impl(const KernelArgs& args, at::Tensor& loss_out, at::Tensor& lse_
       with_grad && with_grad->z_scale.defined() ? with_grad->z_scale.const_data_ptr<acc_t>() : nullptr;
   scalar_t* grad = with_grad ? with_grad->grad.data_ptr<scalar_t>() : nullptr;
   const int64_t grad_stride = with_grad ? with_grad->grad.stride(0) : 0;
+  int64_t* argmax_index = argmax ? argmax->index.data_ptr<int64_t>() : nullptr;
+  acc_t* argmax_value = argmax ? argmax->value.data_ptr<acc_t>() : nullptr;
   const int64_t N = args.logits.size(0), V = p.num_classes;
   at::parallel_for(0, N, grain_rows(V), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> z(kBlock), t(kBlock);
@@ -262,7 +289,12 @@ void forward_impl(const KernelArgs& args, at::Tensor& loss_out, at::Tensor& lse_
       const scalar_t* x = p.logits + i * p.logits_stride;
       const auto r = p.row(i);
       const acc_t zy = r.index >= 0 ? p.logit(x, r.index) : acc_t(0);
-      const RowStats<acc_t> st = p.row_stats(r, x, zy, z.data(), t.data());
+      Best<acc_t> best;
+      const RowStats<acc_t> st = p.row_stats(r, x, zy, z.data(), t.data(), argmax ? &best : nullptr);
+      if (argmax) {
+        argmax_index[i] = best.index;
+        argmax_value[i] = best.value;
+      }
       const acc_t row_lse_i = row_lse(st), row_loss_i = r.ignored ? acc_t(0) : row_loss(st);
       lse[i] = row_lse_i;
       if (mass) mass[i] = st.mass;
@@ -413,9 +445,9 @@ void scale_rows_impl(at::Tensor& rows, const at::Tensor& scale) {
 }  // namespace
 
 void forward(const KernelArgs& args, at::Tensor& loss, at::Tensor& lse, at::Tensor& mass,
-             const GradInForward* with_grad) {
+             const GradInForward* with_grad, const ArgmaxOutputs* argmax) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.logits.scalar_type(), "fused_ce_forward_cpu",
-                                  [&] { forward_impl<scalar_t>(args, loss, lse, mass, with_grad); });
+                                  [&] { forward_impl<scalar_t>(args, loss, lse, mass, with_grad, argmax); });
 }
 
 void backward(const KernelArgs& args, const at::Tensor& lse, const at::Tensor& p_coef, const at::Tensor& t_coef,

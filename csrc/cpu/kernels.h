@@ -41,11 +41,19 @@ struct DistillArgs {
   double temperature;
 };
 
+// The row's prediction, tracked in the statistics pass (the ops' .stats overloads):
+// the argmax of the logits the loss sees, the lowest index among ties (a NaN counts as
+// the largest, as torch.argmax), and that logit.
+struct ArgmaxOutputs {
+  at::Tensor index;  // [N] int64, within these logits (a slice: local)
+  at::Tensor value;  // [N] in the accumulation dtype
+};
+
 #define FUSED_CE_DECLARE_CPU_KERNELS(isa)                                                                          \
   namespace isa {                                                                                                  \
   /* loss (or objective), lse, mass (may be undefined): [N] outputs in the accumulation dtype */                   \
   void forward(const KernelArgs& args, at::Tensor& loss, at::Tensor& lse, at::Tensor& mass,                        \
-               const GradInForward* with_grad);                                                                    \
+               const GradInForward* with_grad, const ArgmaxOutputs* argmax);                                       \
   /* grad_logits [N, V] (unit class stride); lse, p_coef, t_coef [N] in the accumulation dtype; */                 \
   /* rows i with keep_where_one[i] == 1 are left as they are (keep_where_one may be undefined) */                  \
   void backward(const KernelArgs& args, const at::Tensor& lse, const at::Tensor& p_coef, const at::Tensor& t_coef, \

@@ -1,0 +1,116 @@
+"""return_stats=True: the per-token statistics tracked in the loss's own pass."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from utils import run_path
+
+import fused_ce
+
+PATHS = ["forward", "fused", "inplace"]
+
+
+def _problem(seed=0, n=12, v=50, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = (3 * torch.randn(n, v, generator=g)).to(dtype)
+    target = torch.randint(0, v, (n,), generator=g)
+    target[::4] = -100
+    target[1] = int(x[1].float().argmax())  # at least one hit
+    return x, target
+
+
+def _stats(x, target, path, **kwargs):
+    """The stats of one call on one execution path (the loss's gradient taken as run_path does)."""
+    leaf = x.detach().clone().requires_grad_(path != "forward")
+    with torch.set_grad_enabled(path != "forward"):
+        inp = leaf * 1 if path == "inplace" else leaf
+        stats = fused_ce.cross_entropy(inp, target, return_stats=True, inplace_backward=path == "inplace", **kwargs)
+    grad = None if path == "forward" else torch.autograd.grad(stats.loss.sum(), leaf)[0]
+    return stats, grad
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kwargs", [{}, dict(z_loss=1e-2, label_smoothing=0.1), dict(softcap=2.0, temperature=0.5),
+                                    dict(reduction="none"), dict(reduction="sum", weight=torch.rand(50) + 0.5)],
+                         ids=["plain", "zloss_smoothing", "softcap_temperature", "none", "sum_weight"])
+def test_loss_and_gradient_bitwise_unchanged(path, kwargs):
+    x, target = _problem()
+    stats, grad = _stats(x, target, path, **kwargs)
+    loss, want_grad = run_path(fused_ce.cross_entropy, x, target, path, **kwargs)
+    assert torch.equal(stats.loss.detach(), loss)
+    if grad is not None:
+        assert torch.equal(grad, want_grad)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_predicted_is_torch_argmax_and_accuracy_counts_the_counted_rows(path, dtype):
+    x, target = _problem(dtype=dtype)
+    x[2, 7] = x[2, 9] = x[2].max() + 1  # a tie: the lower index
+    x[3, :] = -math.inf  # all masked: 0, as torch.argmax
+    x[5, 11] = math.nan  # a NaN is the largest
+    x[5, 30] = math.nan
+    x[6, 40:] = -math.inf
+    stats, _ = _stats(x, target, path)
+    assert stats.predicted.dtype == torch.long
+    assert torch.equal(stats.predicted, torch.argmax(x, dim=1))
+    counted = target != -100
+    want = ((torch.argmax(x, 1) == target) & counted).sum() / counted.sum()
+    assert stats.accuracy.dtype == torch.float32
+    torch.testing.assert_close(stats.accuracy, want.float())
+
+
+def test_lse_and_z_loss_part():
+    x, target = _problem(v=300)
+    stats = fused_ce.cross_entropy(x, target, z_loss=1e-2, temperature=2.0, return_stats=True)
+    torch.testing.assert_close(stats.lse, torch.logsumexp(x / 2.0, 1))
+    without = fused_ce.cross_entropy(x, target, temperature=2.0)
+    torch.testing.assert_close(stats.z_loss, stats.loss - without)
+    none = fused_ce.cross_entropy(x, target, z_loss=1e-2, reduction="none", return_stats=True)
+    assert none.z_loss.shape == target.shape and bool((none.z_loss[target == -100] == 0).all())
+
+
+def test_layouts_and_edge_cases():
+    x = torch.randn(2, 7, 3)  # (N, C, d1): classes in dimension 1
+    target = torch.randint(0, 7, (2, 3))
+    stats = fused_ce.cross_entropy(x, target, return_stats=True, reduction="none")
+    assert torch.equal(stats.predicted, x.argmax(1)) and stats.lse.shape == (2, 3)
+    probs = fused_ce.cross_entropy(torch.randn(4, 5), torch.rand(4, 5).softmax(1), return_stats=True)
+    assert math.isnan(probs.accuracy.item())
+    ignored = fused_ce.cross_entropy(torch.randn(3, 5), torch.full((3,), -100), return_stats=True)
+    assert math.isnan(ignored.accuracy.item()) and math.isnan(ignored.loss.item())
+    empty = fused_ce.cross_entropy(torch.randn(0, 5), torch.zeros(0, dtype=torch.long), return_stats=True)
+    assert empty.predicted.shape == (0,) and math.isnan(empty.accuracy.item())
+    with pytest.raises(ValueError, match="return_stats"):
+        fused_ce.cross_entropy(torch.randn(3, 5), torch.zeros(3, dtype=torch.long), return_stats=True,
+                               return_lse=True)
+
+
+def test_compile_fullgraph():
+    torch._dynamo.reset()
+    x, target = _problem()
+    compiled = torch.compile(lambda a, b: fused_ce.cross_entropy(a, b, return_stats=True), fullgraph=True,
+                             backend="aot_eager")
+    got = compiled(x.requires_grad_(True), target)
+    want = fused_ce.cross_entropy(x, target, return_stats=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, equal_nan=True)
+    torch._dynamo.reset()
+
+
+def test_opcheck_of_the_stats_overloads():
+    x, target = _problem()
+    rows = torch.ones(12)
+    options = (-100, 0.1, 0.0, 0, -1, 1.0, 2.0)
+    torch.library.opcheck(torch.ops.fused_ce.cross_entropy_forward.stats, (x.requires_grad_(True), target, None,
+                                                                            *options))
+    torch.library.opcheck(torch.ops.fused_ce.cross_entropy_fused.stats, (x, target, None, rows, None, *options))
+
+
+def test_cuda_says_not_yet(cuda_device):
+    x = torch.randn(3, 5, device=cuda_device)
+    with pytest.raises(NotImplementedError, match="return_stats"):
+        fused_ce.cross_entropy(x, torch.zeros(3, dtype=torch.long, device=cuda_device), return_stats=True)
