@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from utils import run_path
 
 import fused_ce
+from utils import run_path
 
 PATHS = ["forward", "fused", "inplace"]
 
