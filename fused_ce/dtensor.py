@@ -99,10 +99,11 @@ def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothin
     """:func:`fused_ce.cross_entropy` of a DTensor ``input`` (see the module docstring)."""
     from . import distributed, functional
 
-    for unsupported in ("return_lse", "inplace_backward"):
+    for unsupported in ("return_lse", "inplace_backward", "return_stats"):
         if options.get(unsupported):
-            raise ArgumentError(f"{unsupported}=True is not supported for DTensor input")
-    options = {k: v for k, v in options.items() if k not in ("return_lse", "inplace_backward")}
+            raise ArgumentError(f"{unsupported}=True is not supported for DTensor input (vocab_parallel_cross_entropy "
+                                "takes return_stats on the local shards)")
+    options = {k: v for k, v in options.items() if k not in ("return_lse", "inplace_backward", "return_stats")}
     if input.dim() == 0:
         raise ArgumentError("input must have a class dimension: shape (C), (N, C) or (N, C, d1, ..., dk)")
     class_dim = 0 if input.dim() == 1 else 1

@@ -143,7 +143,8 @@ def cross_entropy(
     if dtensor.is_dtensor(input):
         return dtensor.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss,
                                      softcap=softcap, return_lse=return_lse, inplace_backward=inplace_backward,
-                                     loss_dtype=loss_dtype, temperature=temperature, logit_scale=logit_scale)
+                                     loss_dtype=loss_dtype, temperature=temperature, logit_scale=logit_scale,
+                                     return_stats=return_stats)
     checks.check_reduction(reduction)
     checks.check_z_loss(z_loss)
     cap = checks.softcap_option(softcap)

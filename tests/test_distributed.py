@@ -586,6 +586,34 @@ def _raises(fn, error) -> bool:
     return False
 
 
+def case_stats(group, rank, size):
+    """return_stats: every rank gets the full rows' prediction (ties across a slice boundary to the lower class)."""
+    check = _Checks()
+    vocab = sum(SLICES[size])
+    mine = _slice_of(size, rank)
+    gen = torch.Generator().manual_seed(13)
+    full = torch.randn(9, vocab, generator=gen)
+    full[0, :] = 0.0  # every class tied: class 0
+    boundary = SLICES[size][0] if size > 1 else 10  # the first class of rank 1's slice
+    full[1, boundary - 1] = full[1, boundary] = full[1].max() + 1  # a tie across ranks 0 and 1
+    target = torch.randint(0, vocab, (9,), generator=gen)
+    target[2] = int(full[2].argmax())
+    target[3] = -100
+    stats = fd.vocab_parallel_cross_entropy(full[:, mine], target, group=group, z_loss=1e-3, return_stats=True)
+    check.true(torch.equal(stats.predicted, full.argmax(1)), f"predicted {stats.predicted} vs {full.argmax(1)}")
+    check.close(stats.lse, torch.logsumexp(full, 1), torch.float32, "lse")
+    counted = target != -100
+    check.close(stats.accuracy, (((full.argmax(1) == target) & counted).sum() / counted.sum()).float(),
+                torch.float32, "accuracy")
+    h = torch.randn(9, 6, generator=gen)
+    w_full = torch.randn(vocab, 6, generator=gen)
+    lin = fd.vocab_parallel_linear_cross_entropy(h, w_full[mine], target, group=group, chunk_size=(4, 8),
+                                                 return_stats=True)
+    check.true(torch.equal(lin.predicted, (h @ w_full.T).argmax(1)), "linear: predicted")
+    check.done()
+    return stats.predicted.double()
+
+
 def case_linear_bytes(group, rank, size):
     """The fused head communicates O(N) statistics forward and, backward, only the input gradient."""
     report = {}
@@ -720,6 +748,11 @@ def test_linear_matches_full_logits(pool, size, option, bias, chunk_size, reduce
 @pytest.mark.parametrize("size", [2, 3])
 def test_dtensor_matches_full_logits_and_loss_parallel(pool, size):
     _same_on_every_rank(pool.run("case_dtensor", size))
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_stats(pool, size):
+    _same_on_every_rank(pool.run("case_stats", size))
 
 
 @pytest.mark.parametrize("size", [1, 3])

@@ -112,13 +112,15 @@ def _op_samples(device):
         if bias is not None:
             bias.requires_grad_(True)
         head = (x, w, bias, target, weight)
-        samples.append((f"forward-{option}", torch.ops.fused_ce.linear_cross_entropy_forward.default, head + options))
+        with_stats = rows != ALL_ROWS  # the argmax outputs, on and off
+        samples.append((f"forward-{option}", torch.ops.fused_ce.linear_cross_entropy_forward.default,
+                        head + options + (with_stats,)))
         row_scale = torch.rand(7, device=device)
         z_scale = torch.rand(7, device=device) if "zloss" in option else None
         needs = (True, True, bias is not None)
         samples.append(
             (f"fused-{option}", torch.ops.fused_ce.linear_cross_entropy_fused.default,
-             head + (row_scale, z_scale) + options + needs)
+             head + (row_scale, z_scale) + options + needs + (not with_stats,))
         )
         detached = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in head)
         lse = torch.randn(7, device=device)

@@ -114,3 +114,34 @@ def test_cuda_says_not_yet(cuda_device):
     x = torch.randn(3, 5, device=cuda_device)
     with pytest.raises(NotImplementedError, match="return_stats"):
         fused_ce.cross_entropy(x, torch.zeros(3, dtype=torch.long, device=cuda_device), return_stats=True)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3, (4, 16), (None, 32)], ids=["default", "rows3", "blocks", "allrows"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_linear_cross_entropy(chunk_size, grad):
+    g = torch.Generator().manual_seed(9)
+    h = torch.randn(3, 6, 8, generator=g, requires_grad=grad)
+    w = torch.randn(40, 8, generator=g, requires_grad=grad)
+    target = torch.randint(0, 40, (3, 6), generator=g)
+    target[0] = -100
+    with torch.set_grad_enabled(grad):
+        stats = fused_ce.linear_cross_entropy(h, w, target, chunk_size=chunk_size, z_loss=1e-3, return_stats=True)
+        loss = fused_ce.linear_cross_entropy(h, w, target, chunk_size=chunk_size, z_loss=1e-3)
+    logits = (h @ w.T).detach()
+    assert torch.equal(stats.loss.detach(), loss.detach())
+    assert torch.equal(stats.predicted, logits.argmax(-1))
+    torch.testing.assert_close(stats.lse, torch.logsumexp(logits, -1))
+    counted = target != -100
+    torch.testing.assert_close(stats.accuracy, ((logits.argmax(-1) == target) & counted).sum() / counted.sum())
+    if grad:
+        (g_with,) = torch.autograd.grad(stats.loss, h)
+        (g_without,) = torch.autograd.grad(loss, h)
+        assert torch.equal(g_with, g_without)
+
+
+def test_linear_shift_keeps_the_predicting_positions():
+    h, w = torch.randn(2, 5, 8), torch.randn(30, 8)
+    target = torch.randint(0, 30, (2, 5))
+    stats = fused_ce.linear_cross_entropy(h, w, target, shift=1, reduction="none", return_stats=True)
+    assert stats.loss.shape == stats.predicted.shape == stats.lse.shape == (2, 4)
+    assert torch.equal(stats.predicted, (h @ w.T)[:, :-1].argmax(-1))

@@ -13,10 +13,20 @@ from torch.autograd.function import once_differentiable
 from .. import _checks as checks
 from .._reduce import CountedRows, reduce_losses, result_dtype
 from .._rows import as_rows, target_rows
+from .._stats import make_stats
 from ..linear.loops import Head, shard_gradients, shard_statistics
 from ..linear.plan import chunk_plan
 from ..ops import accumulate_dtype
-from .merge import Plan, backward_coefficients, denominator_of, make_plan, merge, owned_target_weight, slice_statistics
+from .merge import (
+    Plan,
+    backward_coefficients,
+    denominator_of,
+    make_plan,
+    merge,
+    merge_prediction,
+    owned_target_weight,
+    slice_statistics,
+)
 
 
 def _check_options(reduction, label_smoothing, ignore_index, z_loss, softcap, temperature=1.0, logit_scale=1.0):
@@ -48,21 +58,28 @@ def _counted(rows: Tensor, plan: Plan, denominator: Tensor) -> CountedRows:
     return CountedRows(valid, valid.sum(), denominator)
 
 
+def _result(loss, lse, predicted, rows, counted, reduction, z_loss, batch_shape, out_dtype, return_stats):
+    """The reduced loss, or with return_stats its CrossEntropyStats (the prediction already merged across ranks)."""
+    out = reduce_losses(loss, lse, counted, reduction, z_loss, batch_shape, out_dtype)
+    return make_stats(out, lse, predicted, rows, counted, reduction, z_loss, batch_shape) if return_stats else out
+
+
 class _VocabParallelRows(torch.autograd.Function):
     """Logits slice [N, V_s] -> the full rows' (loss [N], lse [N]) and the 'mean' denominator."""
 
     @staticmethod
     def forward(ctx, logits, rows, weight, plan):
-        loss, lse, mass, target_weight = slice_statistics(logits, rows, weight, plan)
+        loss, lse, mass, target_weight, predicted = slice_statistics(logits, rows, weight, plan)
         denominator = denominator_of(rows, plan, target_weight)
+        predicted = rows.new_empty(0) if predicted is None else predicted
         ctx.save_for_backward(logits, rows, weight, lse, mass)
         ctx.plan = plan
-        ctx.mark_non_differentiable(denominator)
-        return loss, lse, denominator
+        ctx.mark_non_differentiable(denominator, predicted)
+        return loss, lse, denominator, predicted
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_loss, g_lse, _g_denominator):
+    def backward(ctx, g_loss, g_lse, _g_denominator, _g_predicted):
         logits, rows, weight, lse, mass = ctx.saved_tensors
         p_coef, t_coef = backward_coefficients(g_loss, g_lse, mass)
         grad = torch.ops.fused_ce.cross_entropy_backward(
@@ -77,7 +94,7 @@ def _head(x, weight, bias, rows, class_weight, plan: Plan, chunk: tuple[int, int
     chunk: (rows, classes) per block."""
     return Head(x, weight, bias, rows, class_weight, plan.ignore_index, plan.label_smoothing, plan.softcap, chunk[0],
                 plan.vocab_start, plan.vocab_total, classes=chunk[1], logit_scale=plan.logit_scale,
-                temperature=plan.temperature)
+                temperature=plan.temperature, stats=plan.stats)
 
 
 class _VocabParallelLinearRows(torch.autograd.Function):
@@ -94,18 +111,20 @@ class _VocabParallelLinearRows(torch.autograd.Function):
         # Autocast was applied by the caller (the casts stay outside, differentiable);
         # forward and backward must compute the very same logits.
         with torch.autocast(x.device.type, enabled=False):
-            loss_s, lse_s, mass_s = shard_statistics(_head(x, weight, bias, rows, class_weight, plan, chunk))
+            loss_s, lse_s, mass_s, *prediction = shard_statistics(_head(x, weight, bias, rows, class_weight, plan,
+                                                                        chunk))
         extra = None if class_weight is None else owned_target_weight(rows, class_weight, plan)
         loss, lse, mass, target_weight = merge(loss_s, lse_s, mass_s, extra, plan)
         denominator = denominator_of(rows, plan, target_weight)
+        predicted = merge_prediction(*prediction, plan) if plan.stats else rows.new_empty(0)
         ctx.save_for_backward(x, weight, bias, rows, class_weight, lse, mass)
         ctx.plan, ctx.chunk, ctx.reduce_input_grad = plan, chunk, reduce_input_grad
-        ctx.mark_non_differentiable(denominator)
-        return loss, lse, denominator
+        ctx.mark_non_differentiable(denominator, predicted)
+        return loss, lse, denominator, predicted
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_loss, g_lse, _g_denominator):
+    def backward(ctx, g_loss, g_lse, _g_denominator, _g_predicted):
         x, weight, bias, rows, class_weight, lse, mass = ctx.saved_tensors
         plan = ctx.plan
         needs = tuple(ctx.needs_input_grad[:3])
@@ -142,6 +161,7 @@ def vocab_parallel_cross_entropy(
     loss_dtype: torch.dtype | None = None,
     temperature: float = 1.0,
     logit_scale: float = 1.0,
+    return_stats: bool = False,
 ) -> Tensor:
     """Cross-entropy of logits whose classes are sharded across the ranks of ``group``.
 
@@ -176,6 +196,9 @@ def vocab_parallel_cross_entropy(
             the logits', float32 for fp16/bf16 under autocast).
         temperature, logit_scale: as :func:`fused_ce.cross_entropy`'s: the loss of
             ``softcap(logit_scale * logits) / temperature``, inside the kernels.
+        return_stats: return a :class:`fused_ce.CrossEntropyStats`, as
+            :func:`fused_ce.cross_entropy`'s, the same on every rank: the prediction is
+            each rank's argmax merged across ranks (one more all_gather of 2N values).
 
     Returns:
         The loss: a scalar, or ``logits_shard.shape[:-1]`` for ``'none'``; the same on
@@ -189,6 +212,8 @@ def vocab_parallel_cross_entropy(
     """
     cap = _check_options(reduction, label_smoothing, ignore_index, z_loss, softcap, temperature, logit_scale)
     checks.check_floating(logits_shard, "logits_shard")
+    if return_stats:
+        checks.check_stats_device(logits_shard.device)
     if logits_shard.dim() == 0 or logits_shard.shape[-1] == 0:
         raise checks.ArgumentError(
             f"logits_shard must have a non-empty class dimension last, got shape {tuple(logits_shard.shape)}"
@@ -199,12 +224,14 @@ def vocab_parallel_cross_entropy(
     rows = _target_rows(target, logits_shard, "logits_shard")
     class_weight = _class_weight(weight, local_size, logits_shard, "weight")
     plan = make_plan(local_size, group, logits_shard.device, vocab_sizes, vocab_start, vocab_total, ignore_index,
-                      label_smoothing, cap, logit_scale, temperature)
+                      label_smoothing, cap, logit_scale, temperature,
+                     return_stats)
 
     logits = as_rows(logits_shard, -1)
-    loss, lse, denominator = _VocabParallelRows.apply(logits, rows, class_weight, plan)
+    loss, lse, denominator, predicted = _VocabParallelRows.apply(logits, rows, class_weight, plan)
     out_dtype = result_dtype(logits_shard.dtype, logits_shard.device.type, loss_dtype)
-    return reduce_losses(loss, lse, _counted(rows, plan, denominator), reduction, z_loss, batch_shape, out_dtype)
+    return _result(loss, lse, predicted, rows, _counted(rows, plan, denominator), reduction, z_loss, batch_shape,
+                   out_dtype, return_stats)
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -228,6 +255,7 @@ def vocab_parallel_linear_cross_entropy(
     loss_dtype: torch.dtype | None = None,
     temperature: float = 1.0,
     logit_scale: float = 1.0,
+    return_stats: bool = False,
 ) -> Tensor:
     """``vocab_parallel_cross_entropy(F.linear(input, weight_shard, bias_shard), target)`` without the logits.
 
@@ -279,6 +307,8 @@ def vocab_parallel_linear_cross_entropy(
     cap = _check_options(reduction, label_smoothing, ignore_index, z_loss, softcap, temperature, logit_scale)
     checks.check_floating(input, "input")
     checks.check_floating(weight_shard, "weight_shard")
+    if return_stats:
+        checks.check_stats_device(input.device)
     if torch.is_autocast_enabled(input.device.type):
         # The matmul in autocast's dtype, as F.linear would run it; the casts stay
         # outside the Function, so the gradients reach fp32 parameters as usual.
@@ -312,13 +342,15 @@ def vocab_parallel_linear_cross_entropy(
     rows = _target_rows(target, input, "input")
     cw = _class_weight(class_weight, local_size, input, "class_weight")
     plan = make_plan(local_size, group, input.device, vocab_sizes, vocab_start, vocab_total, ignore_index,
-                      label_smoothing, cap, logit_scale, temperature)
+                      label_smoothing, cap, logit_scale, temperature,
+                     return_stats)
 
     x = input.reshape(math.prod(batch_shape), hidden)
     chunk = chunk_plan(local_size, input.dtype, input.device, chunk_size,
                        weight_grad=torch.is_grad_enabled() and weight_shard.requires_grad)
-    loss, lse, denominator = _VocabParallelLinearRows.apply(
+    loss, lse, denominator, predicted = _VocabParallelLinearRows.apply(
         x, weight_shard, bias_shard, rows, cw, plan, chunk, bool(reduce_input_grad)
     )
     out_dtype = result_dtype(input.dtype, input.device.type, loss_dtype)
-    return reduce_losses(loss, lse, _counted(rows, plan, denominator), reduction, z_loss, batch_shape, out_dtype)
+    return _result(loss, lse, predicted, rows, _counted(rows, plan, denominator), reduction, z_loss, batch_shape,
+                   out_dtype, return_stats)

@@ -35,6 +35,7 @@ class Plan:
     softcap: float  # 0 = off, as the ops take it
     logit_scale: float = 1.0
     temperature: float = 1.0
+    stats: bool = False  # also the rows' prediction (return_stats)
 
     @property
     def op_options(self) -> tuple:
@@ -98,11 +99,11 @@ def _vocab_range(local_size: int, rank: int, world_size: int, group, device, voc
 
 
 def make_plan(local_size, group, device, vocab_sizes, vocab_start, vocab_total, ignore_index, label_smoothing, cap,
-              logit_scale=1.0, temperature=1.0):
+              logit_scale=1.0, temperature=1.0, stats=False):
     rank, world_size = _group_layout(group)
     start, total = _vocab_range(local_size, rank, world_size, group, device, vocab_sizes, vocab_start, vocab_total)
     return Plan(group, world_size, start, total, ignore_index, float(label_smoothing), cap, logit_scale * 1.0,
-                temperature * 1.0)
+                temperature * 1.0, bool(stats))
 
 
 def _all_gather(out: Tensor, inp: Tensor, group) -> None:
@@ -165,10 +166,29 @@ def owned_target_weight(rows: Tensor, weight: Tensor, plan: Plan) -> Tensor:
 
 
 def slice_statistics(logits: Tensor, rows: Tensor, weight: Tensor | None, plan: Plan):
-    """(loss, lse, mass) of the merged rows and the global target weight, from this rank's logits slice."""
-    loss_s, lse_s, mass_s = torch.ops.fused_ce.cross_entropy_forward(logits, rows, weight, *plan.op_options)
+    """(loss, lse, mass) of the merged rows, the global target weight and, with plan.stats, the rows'
+    prediction (else None), from this rank's logits slice."""
+    op = torch.ops.fused_ce.cross_entropy_forward
+    loss_s, lse_s, mass_s, *prediction = (op.stats if plan.stats else op)(logits, rows, weight, *plan.op_options)
     extra = None if weight is None else owned_target_weight(rows, weight, plan)
-    return merge(loss_s, lse_s, mass_s, extra, plan)
+    predicted = merge_prediction(*prediction, plan) if plan.stats else None
+    return (*merge(loss_s, lse_s, mass_s, extra, plan), predicted)
+
+
+def merge_prediction(index: Tensor, value: Tensor, plan: Plan) -> Tensor:
+    """The full rows' argmax [N] from each rank's (argmax within its slice, that logit): the largest
+    logit, a NaN the largest, ties to the lowest class -- the lowest rank, as slices are in rank
+    order -- as torch.argmax over the full rows. One all_gather of 2N values (float64: exact for
+    both the logits and the class indices)."""
+    global_index = index + plan.vocab_start
+    if plan.world_size == 1:
+        return global_index
+    packed = torch.stack([value.to(torch.float64), global_index.to(torch.float64)]).reshape(-1)
+    gathered = packed.new_empty(plan.world_size * packed.numel())
+    _all_gather(gathered, packed, plan.group)
+    gathered = gathered.view(plan.world_size, 2, -1)
+    best_rank = gathered[:, 0].argmax(0, keepdim=True)  # torch.argmax: a NaN is the max; ties, the first
+    return gathered[:, 1].gather(0, best_rank).squeeze(0).long()
 
 
 def denominator_of(rows: Tensor, plan: Plan, target_weight: Tensor | None) -> Tensor:

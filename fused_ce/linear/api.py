@@ -12,6 +12,7 @@ from .. import _checks as checks
 from .. import dtensor
 from .._reduce import CountedRows, nan_if_empty, reduce_losses, result_dtype, row_scales
 from .._rows import target_rows
+from .._stats import make_stats
 from ..functional import cross_entropy
 from ..ops import accumulate_dtype
 from .ops import forward_op, fused_op
@@ -87,6 +88,7 @@ def linear_cross_entropy(
     shift: int = 0,
     temperature: float = 1.0,
     logit_scale: float = 1.0,
+    return_stats: bool = False,
 ) -> Tensor:
     """``F.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` without the logits.
 
@@ -125,6 +127,9 @@ def linear_cross_entropy(
             target is shifted.
         temperature, logit_scale: as :func:`fused_ce.cross_entropy`'s: the loss of
             ``softcap(logit_scale * logits) / temperature``, inside the kernels.
+        return_stats: return a :class:`fused_ce.CrossEntropyStats` (as
+            :func:`fused_ce.cross_entropy`'s): the per-row lse and prediction come from the
+            blocks' own pass, so the logits still never exist.
 
     Returns:
         The loss: a scalar, or input's batch shape for ``'none'``.
@@ -138,7 +143,7 @@ def linear_cross_entropy(
         return _shifted(input, linear_weight, target, shift, linear_bias=linear_bias, weight=weight,
                         reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
                         z_loss=z_loss, softcap=softcap, chunk_size=chunk_size, loss_dtype=loss_dtype,
-                        temperature=temperature, logit_scale=logit_scale)
+                        temperature=temperature, logit_scale=logit_scale, return_stats=return_stats)
     if dtensor.is_dtensor(linear_weight) or dtensor.is_dtensor(input):
         return dtensor.linear_cross_entropy(
             input, linear_weight, target, linear_bias=linear_bias, weight=weight, reduction=reduction,
@@ -151,6 +156,8 @@ def linear_cross_entropy(
     checks.check_label_smoothing(label_smoothing)
     checks.check_positive(temperature, "temperature")
     checks.check_positive(logit_scale, "logit_scale")
+    if return_stats and dtensor.is_dtensor(linear_weight):
+        raise NotImplementedError("return_stats=True with a DTensor weight: use vocab_parallel_linear_cross_entropy")
     ignore_index_given = ignore_index is not None
     ignore_index = -100 if ignore_index is None else ignore_index
     checks.check_ignore_index(ignore_index)
@@ -160,6 +167,8 @@ def linear_cross_entropy(
     batch_shape = input.shape[:-1]
     checks.check_tensor(target, "target")
     checks.check_target_device(target, input.device)
+    if return_stats:
+        checks.check_stats_device(input.device)
     rows = target_rows(target, batch_shape=batch_shape, probs_shape=(*batch_shape, num_classes), class_dim=-1,
                        probs_dtype=compute_dtype(input.dtype, input.device), ignore_index_given=ignore_index_given)
     acc = accumulate_dtype(input.dtype)
@@ -173,8 +182,11 @@ def linear_cross_entropy(
     x = input.reshape(math.prod(batch_shape), in_features)
     if num_classes == 0:  # no classes, no logits to save: F.cross_entropy's answer, on an empty matmul
         loss = cross_entropy(F.linear(x, linear_weight, linear_bias), rows, weight, ignore_index, reduction,
-                             label_smoothing, loss_dtype=out_dtype, temperature=temperature, logit_scale=logit_scale)
-        return loss.reshape(batch_shape) if reduction == "none" else loss
+                             label_smoothing, loss_dtype=out_dtype, temperature=temperature, logit_scale=logit_scale,
+                             return_stats=return_stats)
+        if return_stats or reduction != "none":
+            return loss
+        return loss.reshape(batch_shape)
     if not rows.is_floating_point():
         checks.validate_targets_if_asked(rows, num_classes, ignore_index)
     counted = CountedRows.of_targets(rows, x.shape[0], class_weight, ignore_index)
@@ -190,12 +202,15 @@ def linear_cross_entropy(
     options = (ignore_index, label_smoothing * 1.0, cap, logit_scale * 1.0, temperature * 1.0, *plan)
     if any(needs) and reduction != "none":
         row_scale, z_scale = row_scales(counted, x.shape[0], reduction, z_loss, input.device, acc)
-        objective, *_ = fused_op(*args, row_scale, z_scale, *options, *needs)
+        objective, lse, _mass, _gi, _gw, _gb, argmax, _max = fused_op(*args, row_scale, z_scale, *options, *needs,
+                                                                      return_stats)
         if reduction == "mean":
             objective = nan_if_empty(objective, counted.denominator)
-        return objective.to(out_dtype)
-    loss, lse, _mass = forward_op(*args, *options)
-    return reduce_losses(loss, lse, counted, reduction, z_loss, batch_shape, out_dtype)
+        out = objective.to(out_dtype)
+    else:
+        loss, lse, _mass, argmax, _max = forward_op(*args, *options, return_stats)
+        out = reduce_losses(loss, lse, counted, reduction, z_loss, batch_shape, out_dtype)
+    return make_stats(out, lse, argmax, rows, counted, reduction, z_loss, batch_shape) if return_stats else out
 
 
 def _shifted(input, linear_weight, target, shift, *, reduction: str, ignore_index, **kwargs) -> Tensor:
@@ -215,6 +230,11 @@ def _shifted(input, linear_weight, target, shift, *, reduction: str, ignore_inde
     shifted = F.pad(target[..., shift:], (0, min(shift, target.shape[-1])), value=fill)
     loss = linear_cross_entropy(input, linear_weight, shifted, reduction=reduction, ignore_index=ignore_index,
                                 **kwargs)
+    if kwargs.get("return_stats"):
+        keep = max(target.shape[-1] - shift, 0)  # the positions that predict a target
+        return loss._replace(lse=loss.lse[..., :keep], predicted=loss.predicted[..., :keep],
+                             loss=loss.loss[..., :keep] if reduction == "none" else loss.loss,
+                             z_loss=loss.z_loss[..., :keep] if reduction == "none" else loss.z_loss)
     return loss[..., : max(target.shape[-1] - shift, 0)] if reduction == "none" else loss
 
 

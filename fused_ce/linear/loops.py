@@ -60,6 +60,7 @@ class Head:
     classes: int = -1
     logit_scale: float = 1.0  # the logits the loss sees: softcap(logit_scale * z) / temperature
     temperature: float = 1.0
+    stats: bool = False  # also each row's argmax over the head's classes, and that logit
 
     @property
     def num_rows(self) -> int:
@@ -288,15 +289,33 @@ def _merge_(total: tuple[Tensor, Tensor, Tensor], part: tuple[Tensor, Tensor, Te
     lse.copy_(merged)
 
 
-def _row_statistics(blocks: _Blocks, rows: slice, out: tuple[Tensor, Tensor, Tensor]) -> None:
-    """(loss, lse, mass) of a chunk of rows over every class block, into ``out`` (views [r])."""
+def _take_better_(best: tuple[Tensor, Tensor], part: tuple[Tensor, Tensor]) -> None:
+    """Folds a later class block's (argmax, max logit) into the running ones, in place: a larger
+    logit wins, a NaN is the largest, ties keep the earlier (lower) class, as torch.argmax."""
+    index, value = best
+    part_index, part_value = part
+    better = (part_value > value) | (part_value.isnan() & ~value.isnan())
+    index.copy_(torch.where(better, part_index, index))
+    value.copy_(torch.where(better, part_value, value))
+
+
+def _row_statistics(blocks: _Blocks, rows: slice, out: tuple[Tensor, ...]) -> None:
+    """(loss, lse, mass[, argmax, max logit]) of a chunk of rows over every class block, into ``out`` (views [r])."""
+    op = torch.ops.fused_ce.cross_entropy_forward
     for k, classes in enumerate(blocks.class_blocks()):
-        stats = torch.ops.fused_ce.cross_entropy_forward(blocks.logits(rows, classes), *blocks.op_args(rows, classes))
+        logits = blocks.logits(rows, classes)
+        if blocks.head.stats:
+            *stats, index, value = op.stats(logits, *blocks.op_args(rows, classes))
+            prediction = (index + classes.start, value)
+        else:
+            stats, prediction = op(logits, *blocks.op_args(rows, classes)), ()
         if k == 0:
-            for whole, part in zip(out, stats):
+            for whole, part in zip(out, (*stats, *prediction)):
                 whole.copy_(part)
         else:
-            _merge_(out, stats)
+            _merge_(out[:3], stats)
+            if prediction:
+                _take_better_(out[3:], prediction)
 
 
 def _row_gradients(blocks: _Blocks, rows: slice, grads: _Gradients, lse, p_coef, t_coef) -> None:
@@ -314,15 +333,15 @@ def _no_autocast(head: Head):
     return torch.autocast(head.input.device.type, enabled=False)
 
 
-def shard_statistics(head: Head) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row ``(loss, lse, mass)`` ``[N]`` over the head's classes (see ``cross_entropy_forward``).
+def shard_statistics(head: Head) -> tuple[Tensor, ...]:
+    """Per-row ``(loss, lse, mass)`` ``[N]`` over the head's classes (see ``cross_entropy_forward``);
+    with ``head.stats`` also ``(argmax, max logit)`` (the argmax among the head's classes).
 
     For a shard they are its partial statistics, which merge across shards (see
-    fused_ce/distributed.py).
+    fused_ce/distributed).
     """
     head = head.in_compute_dtype().planned()
-    acc = accumulate_dtype(head.input.dtype)
-    out = tuple(head.input.new_empty(head.num_rows, dtype=acc) for _ in range(3))
+    out = _row_outputs(head)
     blocks = _Blocks(head)
     with _no_autocast(head):
         for rows in blocks.row_chunks():
@@ -351,6 +370,15 @@ def shard_gradients(
     return grads.result()
 
 
+def _row_outputs(head: Head) -> tuple[Tensor, ...]:
+    """Empty per-row (loss, lse, mass[, argmax, max logit]) [N] for a head's loops to fill."""
+    acc = accumulate_dtype(head.input.dtype)
+    out = tuple(head.input.new_empty(head.num_rows, dtype=acc) for _ in range(3))
+    if head.stats:
+        out += (head.input.new_empty(head.num_rows, dtype=torch.long), head.input.new_empty(head.num_rows, dtype=acc))
+    return out
+
+
 def fused_objective_and_gradients(
     head: Head, row_scale: Tensor, z_scale: Tensor | None, needs: tuple[bool, bool, bool]
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -360,36 +388,43 @@ def fused_objective_and_gradients(
     (``cross_entropy_fused_``) and absorbed at once. Blocks of classes: per chunk of
     rows, a statistics pass then a gradient pass. Needs the whole vocabulary (the
     gradient needs each row's full lse). Returns ``(objective [], lse [N], mass [N],
-    grad_input, grad_weight, grad_bias)``, the gradients as :func:`shard_gradients`'.
+    grad_input, grad_weight, grad_bias)``, the gradients as :func:`shard_gradients`',
+    and with ``head.stats`` ``(argmax [N], max logit [N])`` after them.
     """
     if head.vocab_total not in (-1, head.num_classes):
         raise ValueError("the fused path needs the whole vocabulary; for a shard use shard_statistics/shard_gradients")
     weight_dtype = grad_weight_dtype(head.weight.dtype, head.rows)
     head = head.in_compute_dtype().planned()
     acc = accumulate_dtype(head.input.dtype)
-    loss, lse, mass = (head.input.new_empty(head.num_rows, dtype=acc) for _ in range(3))
+    loss, lse, mass, *prediction = _row_outputs(head)
     objective = head.input.new_zeros((), dtype=acc)
     grads = _Gradients(head, needs, weight_dtype)
     blocks = _Blocks(head)
     with _no_autocast(head):
         for rows in blocks.row_chunks():
-            _fused_rows(blocks, rows, grads, row_scale, z_scale, (objective, loss, lse, mass))
-    return (objective, lse, mass) + grads.result()
+            _fused_rows(blocks, rows, grads, row_scale, z_scale, (objective, loss, lse, mass, *prediction))
+    return (objective, lse, mass) + grads.result() + tuple(prediction)
 
 
 def _fused_rows(blocks: _Blocks, rows: slice, grads: _Gradients, row_scale, z_scale, out) -> None:
-    """One chunk of rows of fused_objective_and_gradients: into ``out`` = (objective [], loss, lse, mass [N])."""
+    """One chunk of rows of fused_objective_and_gradients: into ``out`` = (objective [], loss, lse, mass
+    [, argmax, max logit] [N])."""
     head = blocks.head
-    objective, loss, lse, mass = out
+    objective, loss, lse, mass, *prediction = out
     scale, z = row_scale[rows], None if z_scale is None else z_scale[rows]
     if head.whole_rows:
         classes = blocks.class_blocks()[0]
         logits = blocks.logits(rows, classes)
         target, weight, *options = blocks.op_args(rows, classes)
-        obj, lse[rows], mass[rows] = torch.ops.fused_ce.cross_entropy_fused_(logits, target, weight, scale, z, *options)
+        op = torch.ops.fused_ce.cross_entropy_fused_
+        if head.stats:
+            obj, lse[rows], mass[rows], prediction[0][rows], prediction[1][rows] = op.stats(
+                logits, target, weight, scale, z, *options)
+        else:
+            obj, lse[rows], mass[rows] = op(logits, target, weight, scale, z, *options)
         grads.add(rows, classes, logits)
     else:
-        _row_statistics(blocks, rows, (loss[rows], lse[rows], mass[rows]))
+        _row_statistics(blocks, rows, (loss[rows], lse[rows], mass[rows], *(t[rows] for t in prediction)))
         # The objective and coefficients of the fused kernel (common/ce_math.h).
         obj, t_coef, p_coef = scale * loss[rows], scale, scale * mass[rows]
         if z is not None:

@@ -23,9 +23,9 @@ from .plan import grad_weight_dtype
 
 
 def _head(input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, softcap, logit_scale,
-          temperature, rows, classes):
+          temperature, rows, classes, stats=False):
     return Head(input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, softcap, rows,
-                classes=classes, logit_scale=logit_scale, temperature=temperature)
+                classes=classes, logit_scale=logit_scale, temperature=temperature, stats=stats)
 
 
 @torch.library.custom_op("fused_ce::linear_cross_entropy_forward", mutates_args=())
@@ -42,11 +42,13 @@ def forward_op(
     temperature: float,
     chunk_rows: int,
     chunk_classes: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row (loss, lse, mass) ``[N]`` of ``cross_entropy_forward(input @ linear_weight.T + linear_bias)``."""
+    with_stats: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-row (loss, lse, mass, argmax, max logit) ``[N]`` of ``cross_entropy_forward(input @ linear_weight.T +
+    linear_bias)``; the last two empty without ``with_stats``."""
     head = _head(input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, softcap,
-                 logit_scale, temperature, chunk_rows, chunk_classes)
-    return shard_statistics(head)
+                 logit_scale, temperature, chunk_rows, chunk_classes, with_stats)
+    return _with_prediction(shard_statistics(head), input)
 
 
 @torch.library.custom_op("fused_ce::linear_cross_entropy_backward", mutates_args=())
@@ -97,12 +99,23 @@ def fused_op(
     input_grad: bool,
     weight_grad: bool,
     bias_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(objective [], lse [N], mass [N], grad_input, grad_weight, grad_bias): see fused_objective_and_gradients."""
+    with_stats: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(objective [], lse [N], mass [N], grad_input, grad_weight, grad_bias, argmax [N], max logit [N]): see
+    fused_objective_and_gradients; the last two empty without ``with_stats``."""
     head = _head(input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, softcap,
-                 logit_scale, temperature, chunk_rows, chunk_classes)
+                 logit_scale, temperature, chunk_rows, chunk_classes, with_stats)
     needs = (input_grad, weight_grad, bias_grad and linear_bias is not None)
-    return fused_objective_and_gradients(head, row_scale, z_scale, needs)
+    return _with_prediction(fused_objective_and_gradients(head, row_scale, z_scale, needs), input)
+
+
+def _with_prediction(outputs: tuple, input: Tensor) -> tuple:
+    """The loops' outputs with (argmax, max logit) at the end: empty ones when the head kept none
+    (an op's outputs are fixed in number)."""
+    if len(outputs) in (5, 8):
+        return outputs
+    acc = accumulate_dtype(input.dtype)
+    return outputs + (input.new_empty(0, dtype=torch.long), input.new_empty(0, dtype=acc))
 
 
 def _grad_fakes(input, linear_weight, linear_bias, chunk_rows, needs):
@@ -115,9 +128,14 @@ def _grad_fakes(input, linear_weight, linear_bias, chunk_rows, needs):
 
 @forward_op.register_fake
 def _(input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, softcap, logit_scale,
-      temperature, chunk_rows, chunk_classes):
+      temperature, chunk_rows, chunk_classes, with_stats):
     acc = accumulate_dtype(input.dtype)
-    return tuple(input.new_empty(input.shape[0], dtype=acc) for _ in range(3))
+    return tuple(input.new_empty(input.shape[0], dtype=acc) for _ in range(3)) + _prediction_fakes(input, with_stats)
+
+
+def _prediction_fakes(input, with_stats):
+    n = input.shape[0] if with_stats else 0
+    return input.new_empty(n, dtype=torch.long), input.new_empty(n, dtype=accumulate_dtype(input.dtype))
 
 
 @backward_op.register_fake
@@ -128,12 +146,11 @@ def _(input, linear_weight, linear_bias, target, weight, lse, p_coef, t_coef, ig
 
 @fused_op.register_fake
 def _(input, linear_weight, linear_bias, target, weight, row_scale, z_scale, ignore_index, label_smoothing, softcap,
-      logit_scale, temperature, chunk_rows, chunk_classes, input_grad, weight_grad, bias_grad):
+      logit_scale, temperature, chunk_rows, chunk_classes, input_grad, weight_grad, bias_grad, with_stats):
     acc = accumulate_dtype(input.dtype)
     rows = tuple(input.new_empty(input.shape[0], dtype=acc) for _ in range(2))
-    return (input.new_empty((), dtype=acc),) + rows + _grad_fakes(
-        input, linear_weight, linear_bias, chunk_rows, (input_grad, weight_grad, bias_grad)
-    )
+    grads = _grad_fakes(input, linear_weight, linear_bias, chunk_rows, (input_grad, weight_grad, bias_grad))
+    return (input.new_empty((), dtype=acc),) + rows + grads + _prediction_fakes(input, with_stats)
 
 
 # --------------------------------------------------------------------------- autograd
@@ -173,18 +190,18 @@ def _needs(ctx) -> tuple[bool, bool, bool]:
 
 
 def _forward_setup_context(ctx, inputs, output):
-    input, linear_weight, linear_bias, target, weight, *options_and_plan = inputs
-    _loss, lse, mass = output
+    input, linear_weight, linear_bias, target, weight, *options_and_plan, _with_stats = inputs
+    _loss, lse, mass, *prediction = output
     ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, lse, mass)
     ctx.options, plan = tuple(options_and_plan[:5]), options_and_plan[5:]
     ctx.plan = tuple(plan)
-    ctx.mark_non_differentiable(mass)
+    ctx.mark_non_differentiable(mass, *prediction)
     ctx.set_materialize_grads(False)
 
 
-def _forward_backward(ctx, grad_loss, grad_lse, _grad_mass):
+def _forward_backward(ctx, grad_loss, grad_lse, *_grad_mass_and_prediction):
     if grad_loss is None and grad_lse is None:
-        return (None,) * 12
+        return (None,) * 13
     lse, mass = ctx.saved_tensors[5:7]
     grad_loss = torch.zeros_like(lse) if grad_loss is None else grad_loss.to(lse.dtype)
     grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.to(lse.dtype)
@@ -193,7 +210,7 @@ def _forward_backward(ctx, grad_loss, grad_lse, _grad_mass):
         grads = _differentiable_gradients(ctx, grad_loss, lambda _: grad_lse, needs)
     else:
         grads = _recomputed_gradients(ctx, grad_loss * mass + grad_lse, grad_loss, needs)
-    return grads + (None,) * 9
+    return grads + (None,) * 10
 
 
 forward_op.register_autograd(_forward_backward, setup_context=_forward_setup_context)
@@ -201,23 +218,23 @@ forward_op.register_autograd(_forward_backward, setup_context=_forward_setup_con
 
 def _fused_setup_context(ctx, inputs, output):
     (input, linear_weight, linear_bias, target, weight, row_scale, z_scale, ignore_index, label_smoothing, softcap,
-     logit_scale, temperature, chunk_rows, chunk_classes, *_needs_flags) = inputs
-    _objective, lse, mass, grad_input, grad_weight, grad_bias = output
+     logit_scale, temperature, chunk_rows, chunk_classes, *_needs_and_stats) = inputs
+    _objective, lse, mass, grad_input, grad_weight, grad_bias, *prediction = output
     ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, lse, mass, row_scale, z_scale)
     ctx.options = (ignore_index, label_smoothing, softcap, logit_scale, temperature)
     ctx.plan = (chunk_rows, chunk_classes)
     # Held outside save_for_backward (and detached, so no cycle through a grad_fn):
     # the first eager backward hands these very buffers on and drops them here.
     ctx.grads = [grad_input.detach(), grad_weight.detach(), grad_bias.detach()]
-    ctx.mark_non_differentiable(lse, mass, grad_input, grad_weight, grad_bias)
+    ctx.mark_non_differentiable(lse, mass, grad_input, grad_weight, grad_bias, *prediction)
     # Otherwise autograd hands backward zero-filled "gradients" of the gradient
     # outputs: an input- plus weight-sized transient in every backward.
     ctx.set_materialize_grads(False)
 
 
-def _fused_backward(ctx, grad_objective, _grad_lse, _grad_mass, _gi, _gw, _gb):
+def _fused_backward(ctx, grad_objective, *_grad_others):
     needs = _needs(ctx)
-    no_grads = (None,) * 14
+    no_grads = (None,) * 15
     if grad_objective is None:
         return (None,) * 3 + no_grads
     input, linear_weight, linear_bias, _target, _weight, lse, mass, row_scale, z_scale = ctx.saved_tensors
