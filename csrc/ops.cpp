@@ -25,68 +25,63 @@ PyObject* PyInit__C(void) {
 }
 }
 
+// The options every cross-entropy op takes after its tensors: the ignored class, the
+// label smoothing, the soft-cap (0 = off), the slice of the vocabulary the logits hold,
+// and the logit scale and temperature (LogitMap in common/ce_math.h).
+#define FUSED_CE_OPTIONS                                                                            \
+  "int ignore_index, float label_smoothing, float softcap, int vocab_start=0, int vocab_total=-1, " \
+  "float logit_scale=1.0, float temperature=1.0"
+
 TORCH_LIBRARY(fused_ce, m) {
   // Every op below reads logits [N, V] that may be a slice of a larger vocabulary:
   // classes [vocab_start, vocab_start + V) of vocab_total (-1: V, the whole of it).
   // Class-index targets are then global: one outside the slice adds no one-hot
   // entry here, and label smoothing spreads over vocab_total classes. Partial
-  // statistics of the slices merge into the full row's (fused_ce/distributed.py).
+  // statistics of the slices merge into the full row's (fused_ce/distributed/).
   //
   // Per-row statistics of the loss sum_c T_c (lse - z_c) (see common/ce_math.h):
   // loss (0 for ignored rows), lse, and mass = sum_c T_c.
-  m.def(
-      "cross_entropy_forward(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
-      "float label_smoothing, float softcap, int vocab_start=0, int vocab_total=-1, float logit_scale=1.0, float temperature=1.0) -> (Tensor loss, Tensor lse, "
-      "Tensor mass)");
+  m.def("cross_entropy_forward(Tensor logits, Tensor target, Tensor? weight, " FUSED_CE_OPTIONS
+        ") -> (Tensor loss, Tensor lse, Tensor mass)");
   // grad_c = p_coef * softmax_c - t_coef * T_c, times the soft-cap slope.
   m.def(
-      "cross_entropy_backward(Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
-      "Tensor p_coef, Tensor t_coef, int ignore_index, float label_smoothing, float softcap, int vocab_start=0, int "
-      "vocab_total=-1, float logit_scale=1.0, float temperature=1.0) -> Tensor");
+      "cross_entropy_backward(Tensor logits, Tensor target, Tensor? weight, Tensor lse, Tensor p_coef, "
+      "Tensor t_coef, " FUSED_CE_OPTIONS ") -> Tensor");
   // The same gradient written into `grad` (which must not overlap the logits), except
   // for rows i with keep_where_one[i] == 1, which keep what they hold (the fused op's
   // backward: see fused_ce/ops.py).
   m.def(
       "cross_entropy_backward_into_(Tensor(a!) grad, Tensor logits, Tensor target, Tensor? weight, Tensor lse, "
-      "Tensor p_coef, Tensor t_coef, Tensor keep_where_one, int ignore_index, float label_smoothing, "
-      "float softcap, int vocab_start=0, int vocab_total=-1, float logit_scale=1.0, float temperature=1.0) -> ()");
+      "Tensor p_coef, Tensor t_coef, Tensor keep_where_one, " FUSED_CE_OPTIONS ") -> ()");
   // The same gradient written over the logits themselves (the linear path's
   // blocks: each element is read, then overwritten, by the thread that owns it).
   m.def(
       "cross_entropy_backward_(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor lse, Tensor p_coef, "
-      "Tensor t_coef, int ignore_index, float label_smoothing, float softcap, int vocab_start=0, "
-      "int vocab_total=-1, float logit_scale=1.0, float temperature=1.0) -> ()");
+      "Tensor t_coef, " FUSED_CE_OPTIONS ") -> ()");
   // The training hot path: one pass computes the per-row objective
   //   row_scale_i * loss_i + z_scale_i * lse_i^2
   // and writes its gradient (see objective() in common/ce_math.h). Backward then
   // only scales the rows by the upstream gradient (scale_rows_).
   m.def(
-      "cross_entropy_fused(Tensor logits, Tensor target, Tensor? weight, Tensor row_scale, Tensor? z_scale, "
-      "int ignore_index, float label_smoothing, float softcap, int vocab_start=0, int vocab_total=-1, float logit_scale=1.0, float temperature=1.0) -> (Tensor "
-      "objective, Tensor lse, Tensor mass, Tensor "
-      "grad)");
+      "cross_entropy_fused(Tensor logits, Tensor target, Tensor? weight, Tensor row_scale, Tensor? "
+      "z_scale, " FUSED_CE_OPTIONS ") -> (Tensor objective, Tensor lse, Tensor mass, Tensor grad)");
   // The same, writing the gradient over the logits.
   m.def(
-      "cross_entropy_fused_(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor row_scale, Tensor? z_scale, "
-      "int ignore_index, float label_smoothing, float softcap, int vocab_start=0, int vocab_total=-1, float logit_scale=1.0, float temperature=1.0) -> (Tensor "
-      "objective, Tensor lse, Tensor mass)");
+      "cross_entropy_fused_(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor row_scale, Tensor? "
+      "z_scale, " FUSED_CE_OPTIONS ") -> (Tensor objective, Tensor lse, Tensor mass)");
   // The .stats overloads: the same, and the row's prediction in the same pass -- the
   // argmax of the logits the loss sees (the lowest index among ties, a NaN the
   // largest, as torch.argmax; within these logits) and that logit, for merging slices.
+  m.def("cross_entropy_forward.stats(Tensor logits, Tensor target, Tensor? weight, " FUSED_CE_OPTIONS
+        ") -> (Tensor loss, Tensor lse, Tensor mass, Tensor argmax, Tensor max_logit)");
   m.def(
-      "cross_entropy_forward.stats(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
-      "float label_smoothing, float softcap, int vocab_start=0, int vocab_total=-1, float logit_scale=1.0, "
-      "float temperature=1.0) -> (Tensor loss, Tensor lse, Tensor mass, Tensor argmax, Tensor max_logit)");
-  m.def(
-      "cross_entropy_fused.stats(Tensor logits, Tensor target, Tensor? weight, Tensor row_scale, Tensor? z_scale, "
-      "int ignore_index, float label_smoothing, float softcap, int vocab_start=0, int vocab_total=-1, "
-      "float logit_scale=1.0, float temperature=1.0) -> (Tensor objective, Tensor lse, Tensor mass, Tensor grad, "
-      "Tensor argmax, Tensor max_logit)");
+      "cross_entropy_fused.stats(Tensor logits, Tensor target, Tensor? weight, Tensor row_scale, "
+      "Tensor? z_scale, " FUSED_CE_OPTIONS
+      ") -> (Tensor objective, Tensor lse, Tensor mass, Tensor grad, Tensor argmax, Tensor max_logit)");
   m.def(
       "cross_entropy_fused_.stats(Tensor(a!) logits, Tensor target, Tensor? weight, Tensor row_scale, "
-      "Tensor? z_scale, int ignore_index, float label_smoothing, float softcap, int vocab_start=0, "
-      "int vocab_total=-1, float logit_scale=1.0, float temperature=1.0) -> (Tensor objective, Tensor lse, "
-      "Tensor mass, Tensor argmax, Tensor max_logit)");
+      "Tensor? z_scale, " FUSED_CE_OPTIONS
+      ") -> (Tensor objective, Tensor lse, Tensor mass, Tensor argmax, Tensor max_logit)");
   // rows[i] *= scale[i]; a row whose scale is exactly 1 is not touched, which is
   // decided on the device (no host synchronisation).
   m.def("scale_rows_(Tensor(a!) rows, Tensor scale) -> ()");

@@ -2,10 +2,11 @@
 
 Every public implementation but a chunked one materialises both ``log_softmax`` rows
 (two ``N x V`` float32 buffers for bf16 models) and more for their gradients. The
-kernels here (``csrc/common/distill_math.h``) read both rows for their two online
-log-sum-exps, sum the divergence's terms in a second pass over the rows (from cache),
-and write the student's gradient in backward; nothing of size ``N x V`` but that
-gradient is allocated.
+kernels here (``csrc/common/distill_math.h``; CPU: ``cpu/distill.cpp``, CUDA:
+``cuda/distill.cuh``) read both rows for their two online log-sum-exps, sum the
+divergence's terms in a second pass over the rows (from cache), and write the
+student's gradient in backward; nothing of size ``N x V`` but that gradient is
+allocated.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from ._rows import as_rows, target_rows
 from .functional import cross_entropy
 
 KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
-_CUDA_DISTILL = torch._C._dispatch_has_kernel_for_dispatch_key("fused_ce::distill_forward", "CUDA")
 REDUCTIONS = ("none", "mean", "sum", "batchmean")
 
 
@@ -85,8 +85,6 @@ def distillation_loss(
                                    f"got {tuple(teacher_logits.shape)}")
     checks.check_same_device(teacher_logits, "teacher_logits", student_logits.device, "student_logits")
     checks.check_device(student_logits.device)
-    if student_logits.device.type == "cuda" and not _CUDA_DISTILL:
-        raise NotImplementedError("distillation_loss has no CUDA kernels in this build yet; run it on the CPU")
     if teacher_logits.requires_grad and torch.is_grad_enabled():
         raise checks.ArgumentError(
             "teacher_logits requires grad, but the distillation loss gives the teacher no gradient; "

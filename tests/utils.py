@@ -72,3 +72,25 @@ def assert_same_as_torch(actual, expected, what, rtol=2e-5, atol=2e-6):
     assert torch.equal(actual == math.inf, expected == math.inf), f"{what}: +inf at other positions than PyTorch's"
     assert torch.equal(actual == -math.inf, expected == -math.inf), f"{what}: -inf at other positions than PyTorch's"
     torch.testing.assert_close(actual, expected, equal_nan=True, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def load_emulator(name: str, source: str, tmp_path_factory):
+    """Builds one of tests/cuda_emulator's modules (CUDA kernels run on the CPU, thread by thread).
+
+    FUSED_CE_EMULATOR_BUILD names a build directory to reuse between runs.
+    """
+    import os
+    import pathlib
+
+    from torch.utils.cpp_extension import load
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    build = os.environ.get("FUSED_CE_EMULATOR_BUILD") or str(tmp_path_factory.mktemp(name))
+    return load(
+        name,
+        [str(root / "tests" / "cuda_emulator" / source)],
+        extra_include_paths=[str(root / "csrc"), str(root / "tests" / "cuda_emulator")],
+        extra_cflags=["-O1", "-std=c++20"],
+        build_directory=build,
+        verbose=False,
+    )

@@ -102,8 +102,8 @@ using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Ten
 // objective written to grad in the same pass.
 Stats forward_into(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                    const at::Tensor* row_scale, const std::optional<at::Tensor>& z_scale, int64_t ignore_index,
-                   double label_smoothing, double softcap, int64_t vocab_start, int64_t vocab_total,
-                   double logit_scale, double temperature, const at::Tensor* grad, bool with_argmax) {
+                   double label_smoothing, double softcap, int64_t vocab_start, int64_t vocab_total, double logit_scale,
+                   double temperature, const at::Tensor* grad, bool with_argmax) {
   const KernelArgs args = make_args(logits, target, weight, ignore_index, label_smoothing, softcap, vocab_start,
                                     vocab_total, logit_scale, temperature);
   if (grad) check_fused_args(logits, *row_scale, z_scale);
@@ -114,8 +114,8 @@ Stats forward_into(const at::Tensor& logits, const at::Tensor& target, const std
                              at::empty({with_argmax ? N : 0}, opts)};
   std::optional<GradInForward> with_grad;
   if (grad) {
-    with_grad = GradInForward{row_scale->contiguous(), z_scale.has_value() ? z_scale->contiguous() : at::Tensor(),
-                              *grad};
+    with_grad =
+        GradInForward{row_scale->contiguous(), z_scale.has_value() ? z_scale->contiguous() : at::Tensor(), *grad};
   }
   FUSED_CE_CPU_CALL(forward, args, loss, lse, mass, with_grad ? &*with_grad : nullptr, with_argmax ? &argmax : nullptr);
   return {loss, lse, mass, argmax.index, argmax.value};
@@ -131,11 +131,11 @@ Stats forward_stats_cpu(const at::Tensor& logits, const at::Tensor& target, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits, const at::Tensor& target,
                                                            const std::optional<at::Tensor>& weight,
                                                            int64_t ignore_index, double label_smoothing, double softcap,
-                                                           int64_t vocab_start, int64_t vocab_total,
-                                                           double logit_scale, double temperature) {
+                                                           int64_t vocab_start, int64_t vocab_total, double logit_scale,
+                                                           double temperature) {
   auto [loss, lse, mass, index, value] =
-      forward_into(logits, target, weight, nullptr, std::nullopt, ignore_index, label_smoothing, softcap,
-                   vocab_start, vocab_total, logit_scale, temperature, nullptr, false);
+      forward_into(logits, target, weight, nullptr, std::nullopt, ignore_index, label_smoothing, softcap, vocab_start,
+                   vocab_total, logit_scale, temperature, nullptr, false);
   return {loss, lse, mass};
 }
 
@@ -166,8 +166,8 @@ Stats fused_inplace_stats_cpu(const at::Tensor& logits, const at::Tensor& target
                               const std::optional<at::Tensor>& z_scale, int64_t ignore_index, double label_smoothing,
                               double softcap, int64_t vocab_start, int64_t vocab_total, double logit_scale,
                               double temperature) {
-  return forward_into(logits, target, weight, &row_scale, z_scale, ignore_index, label_smoothing, softcap,
-                      vocab_start, vocab_total, logit_scale, temperature, &logits, true);
+  return forward_into(logits, target, weight, &row_scale, z_scale, ignore_index, label_smoothing, softcap, vocab_start,
+                      vocab_total, logit_scale, temperature, &logits, true);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_inplace_cpu(
@@ -198,8 +198,7 @@ at::Tensor entropy_backward_cpu(const at::Tensor& logits, const at::Tensor& entr
   check_row_vector(lse, "lse", logits);
   check_row_vector(grad_entropy, "grad_entropy", logits);
   at::Tensor grad = empty_large(logits.sizes(), logits.options());
-  FUSED_CE_CPU_CALL(entropy_backward, logits, temperature, entropy.contiguous(), lse.contiguous(), grad_entropy,
-                    grad);
+  FUSED_CE_CPU_CALL(entropy_backward, logits, temperature, entropy.contiguous(), lse.contiguous(), grad_entropy, grad);
   return grad;
 }
 
@@ -215,11 +214,10 @@ void scale_rows_cpu(const at::Tensor& rows, const at::Tensor& scale) {
 void backward_checked(at::Tensor grad, const at::Tensor& logits, const at::Tensor& target,
                       const std::optional<at::Tensor>& weight, const at::Tensor& lse, const at::Tensor& p_coef,
                       const at::Tensor& t_coef, const at::Tensor& keep_where_one, int64_t ignore_index,
-                      double label_smoothing, double softcap, int64_t vocab_start, int64_t vocab_total, double logit_scale,
-    double temperature) {
-  const KernelArgs args =
-      make_args(logits, target, weight, ignore_index, label_smoothing, softcap, vocab_start, vocab_total,
-                logit_scale, temperature);
+                      double label_smoothing, double softcap, int64_t vocab_start, int64_t vocab_total,
+                      double logit_scale, double temperature) {
+  const KernelArgs args = make_args(logits, target, weight, ignore_index, label_smoothing, softcap, vocab_start,
+                                    vocab_total, logit_scale, temperature);
   check_row_vector(lse, "lse", logits);
   check_row_vector(p_coef, "p_coef", logits);
   check_row_vector(t_coef, "t_coef", logits);
@@ -229,8 +227,8 @@ void backward_checked(at::Tensor grad, const at::Tensor& logits, const at::Tenso
 
 at::Tensor backward_cpu(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                         const at::Tensor& lse, const at::Tensor& p_coef, const at::Tensor& t_coef, int64_t ignore_index,
-                        double label_smoothing, double softcap, int64_t vocab_start, int64_t vocab_total, double logit_scale,
-    double temperature) {
+                        double label_smoothing, double softcap, int64_t vocab_start, int64_t vocab_total,
+                        double logit_scale, double temperature) {
   at::Tensor grad = empty_large(logits.sizes(), logits.options());
   backward_checked(grad, logits, target, weight, lse, p_coef, t_coef, at::Tensor(), ignore_index, label_smoothing,
                    softcap, vocab_start, vocab_total, logit_scale, temperature);
@@ -240,8 +238,8 @@ at::Tensor backward_cpu(const at::Tensor& logits, const at::Tensor& target, cons
 void backward_into_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
                        const std::optional<at::Tensor>& weight, const at::Tensor& lse, const at::Tensor& p_coef,
                        const at::Tensor& t_coef, const at::Tensor& keep_where_one, int64_t ignore_index,
-                       double label_smoothing, double softcap, int64_t vocab_start, int64_t vocab_total, double logit_scale,
-    double temperature) {
+                       double label_smoothing, double softcap, int64_t vocab_start, int64_t vocab_total,
+                       double logit_scale, double temperature) {
   check_grad_buffer(grad, logits);
   at::assert_no_overlap(grad, logits);  // in place is cross_entropy_backward_
   backward_checked(grad, logits, target, weight, lse, p_coef, t_coef, keep_where_one, ignore_index, label_smoothing,
@@ -272,7 +270,9 @@ at::Tensor distill_backward_cpu(const at::Tensor& student, const at::Tensor& tea
                                 const at::Tensor& lse_student, const at::Tensor& lse_teacher,
                                 const at::Tensor& grad_loss, int64_t kind, double beta, double temperature) {
   check_distill_args(student, teacher, kind, beta, temperature);
-  for (const auto& [t, name] : {std::pair{&aux, "aux"}, {&lse_student, "lse_student"}, {&lse_teacher, "lse_teacher"},
+  for (const auto& [t, name] : {std::pair{&aux, "aux"},
+                                {&lse_student, "lse_student"},
+                                {&lse_teacher, "lse_teacher"},
                                 {&grad_loss, "grad_loss"}}) {
     check_row_vector(*t, name, student);
   }

@@ -9,7 +9,6 @@
 // block's statistics merge into the row's by the online log-sum-exp
 // (common/ce_math.h). Each logit is read from memory once and needs one exp.
 #include "cpu/kernels.h"
-#include "cpu/vec.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -21,6 +20,8 @@
 #include <limits>
 #include <type_traits>
 #include <vector>
+
+#include "cpu/vec.h"
 
 #ifndef CPU_CAPABILITY
 #error "kernels.cpp is compiled once per CPU_CAPABILITY by setup.py"
@@ -139,13 +140,9 @@ struct Problem {
   // Whether a block of n logits can be read where it is: already in the accumulation
   // dtype, the logits themselves (no scale, soft-cap or temperature), whole vectors
   // (else load_logits copies it, padded, to L1).
-  bool reads_in_place(int64_t n) const {
-    return std::is_same_v<scalar_t, acc_t> && map.identity() && n % kWidth == 0;
-  }
+  bool reads_in_place(int64_t n) const { return std::is_same_v<scalar_t, acc_t> && map.identity() && n % kWidth == 0; }
 
-  int64_t load_logits(const scalar_t* x, int64_t n, acc_t* buf) const {
-    return load_logits_block(x, n, buf, map);
-  }
+  int64_t load_logits(const scalar_t* x, int64_t n, acc_t* buf) const { return load_logits_block(x, n, buf, map); }
 
   // The spread part of T for classes [b, b + n), padded with 0.
   void load_spread_targets(const Row& r, int64_t b, int64_t n, acc_t* buf) const {
@@ -338,8 +335,7 @@ void backward_impl(const KernelArgs& args, const at::Tensor& lse_in, const at::T
 // Entropy of softmax rows (see EntropyStats in common/ce_math.h), block by block
 // like the cross-entropy statistics.
 template <typename scalar_t>
-void entropy_forward_impl(const at::Tensor& logits, double temperature, at::Tensor& entropy_out,
-                          at::Tensor& lse_out) {
+void entropy_forward_impl(const at::Tensor& logits, double temperature, at::Tensor& entropy_out, at::Tensor& lse_out) {
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
@@ -353,8 +349,7 @@ void entropy_forward_impl(const at::Tensor& logits, double temperature, at::Tens
     for (int64_t i = begin; i < end; ++i) {
       EntropyStats<acc_t> st = empty_entropy_stats<acc_t>();
       for (int64_t b = 0; b < V; b += kBlock) {
-        const int64_t padded =
-            load_logits_block(data + i * stride + b, std::min(kBlock, V - b), z.data(), map);
+        const int64_t padded = load_logits_block(data + i * stride + b, std::min(kBlock, V - b), z.data(), map);
         Vec vmax(neg_inf<acc_t>());
         for (int64_t j = 0; j < padded; j += W) vmax = at::vec::maximum(vmax, Vec::loadu(z.data() + j));
         EntropyStats<acc_t> blk{reduce_max(vmax), acc_t(0), acc_t(0)};
@@ -462,11 +457,11 @@ void entropy_forward(const at::Tensor& logits, double temperature, at::Tensor& e
                                   [&] { entropy_forward_impl<scalar_t>(logits, temperature, entropy, lse); });
 }
 
-void entropy_backward(const at::Tensor& logits, double temperature, const at::Tensor& entropy,
-                      const at::Tensor& lse, const at::Tensor& grad_entropy, at::Tensor& grad) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, logits.scalar_type(), "fused_ce_entropy_backward_cpu",
-      [&] { entropy_backward_impl<scalar_t>(logits, temperature, entropy, lse, grad_entropy, grad); });
+void entropy_backward(const at::Tensor& logits, double temperature, const at::Tensor& entropy, const at::Tensor& lse,
+                      const at::Tensor& grad_entropy, at::Tensor& grad) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "fused_ce_entropy_backward_cpu", [&] {
+    entropy_backward_impl<scalar_t>(logits, temperature, entropy, lse, grad_entropy, grad);
+  });
 }
 
 void scale_rows(at::Tensor& rows, const at::Tensor& scale) {

@@ -17,8 +17,8 @@ struct KernelArgs {
   at::Tensor weight;  // [V] in the accumulation dtype (accumulate_type), or undefined
   int64_t ignore_index;
   TargetSpec spec;
-  double softcap;    // <= 0: off
-  VocabSlice vocab;  // the classes the logits hold; class-index targets are global
+  double softcap;            // <= 0: off
+  VocabSlice vocab;          // the classes the logits hold; class-index targets are global
   double logit_scale = 1.0;  // z = softcap(logit_scale * x) / temperature (common/ce_math.h, LogitMap)
   double temperature = 1.0;
 };
@@ -61,11 +61,11 @@ struct ArgmaxOutputs {
   /* rows [N, V] *= scale [N] (any strides); rows whose scale is 1 are skipped */                                  \
   void scale_rows(at::Tensor& rows, const at::Tensor& scale);                                                      \
   /* entropy, lse [N] of softmax(logits [N, V]); its backward into grad [N, V] contiguous */                       \
-  void entropy_forward(const at::Tensor& logits, double temperature, at::Tensor& entropy, at::Tensor& lse);       \
+  void entropy_forward(const at::Tensor& logits, double temperature, at::Tensor& entropy, at::Tensor& lse);        \
   void entropy_backward(const at::Tensor& logits, double temperature, const at::Tensor& entropy,                   \
                         const at::Tensor& lse, const at::Tensor& grad_entropy, at::Tensor& grad);                  \
-  /* the divergence per row, its statistic R (distill_math.h) and both rows' lse [N]; the student's gradient */     \
-  void distill_forward(const DistillArgs& args, at::Tensor& loss, at::Tensor& aux, at::Tensor& lse_student,         \
+  /* the divergence per row, its statistic R (distill_math.h) and both rows' lse [N]; the student's gradient */    \
+  void distill_forward(const DistillArgs& args, at::Tensor& loss, at::Tensor& aux, at::Tensor& lse_student,        \
                        at::Tensor& lse_teacher);                                                                   \
   void distill_backward(const DistillArgs& args, const at::Tensor& aux, const at::Tensor& lse_student,             \
                         const at::Tensor& lse_teacher, const at::Tensor& grad_loss, at::Tensor& grad_student);     \

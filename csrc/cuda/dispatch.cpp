@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include "common/checks.h"
+#include "cuda/distill_problem.h"
 #include "cuda/problem.h"
 
 namespace fused_ce::cuda {
@@ -31,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& lo
                                                             const std::optional<at::Tensor>& weight,
                                                             int64_t ignore_index, double label_smoothing,
                                                             double softcap, int64_t vocab_start, int64_t vocab_total,
-    double logit_scale, double temperature) {
+                                                            double logit_scale, double temperature) {
   check_identity_logit_map(logit_scale, temperature);
   check_forward_args(logits, target, weight, label_smoothing, softcap);
   const c10::cuda::CUDAGuard guard(logits.device());
@@ -84,8 +85,7 @@ void backward_into(const at::Tensor& grad, const at::Tensor& logits, const at::T
 at::Tensor backward_cuda(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                          const at::Tensor& lse, const at::Tensor& p_coef, const at::Tensor& t_coef,
                          int64_t ignore_index, double label_smoothing, double softcap, int64_t vocab_start,
-                         int64_t vocab_total,
-    double logit_scale, double temperature) {
+                         int64_t vocab_total, double logit_scale, double temperature) {
   check_identity_logit_map(logit_scale, temperature);
   at::Tensor grad = at::empty(logits.sizes(), logits.options());
   backward_into(grad, logits, target, weight, lse, p_coef, t_coef, nullptr, ignore_index, label_smoothing, softcap,
@@ -97,7 +97,7 @@ void backward_into_cuda(const at::Tensor& grad, const at::Tensor& logits, const 
                         const std::optional<at::Tensor>& weight, const at::Tensor& lse, const at::Tensor& p_coef,
                         const at::Tensor& t_coef, const at::Tensor& keep_where_one, int64_t ignore_index,
                         double label_smoothing, double softcap, int64_t vocab_start, int64_t vocab_total,
-    double logit_scale, double temperature) {
+                        double logit_scale, double temperature) {
   check_identity_logit_map(logit_scale, temperature);
   at::assert_no_overlap(grad, logits);  // in place is cross_entropy_backward_
   backward_into(grad, logits, target, weight, lse, p_coef, t_coef, &keep_where_one, ignore_index, label_smoothing,
@@ -107,8 +107,7 @@ void backward_into_cuda(const at::Tensor& grad, const at::Tensor& logits, const 
 void backward_inplace_cuda(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                            const at::Tensor& lse, const at::Tensor& p_coef, const at::Tensor& t_coef,
                            int64_t ignore_index, double label_smoothing, double softcap, int64_t vocab_start,
-                           int64_t vocab_total,
-    double logit_scale, double temperature) {
+                           int64_t vocab_total, double logit_scale, double temperature) {
   check_identity_logit_map(logit_scale, temperature);
   backward_into(logits, logits, target, weight, lse, p_coef, t_coef, nullptr, ignore_index, label_smoothing, softcap,
                 vocab_start, vocab_total);
@@ -149,8 +148,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_into(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cuda(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const at::Tensor& row_scale, const std::optional<at::Tensor>& z_scale, int64_t ignore_index, double label_smoothing,
-    double softcap, int64_t vocab_start, int64_t vocab_total,
-    double logit_scale, double temperature) {
+    double softcap, int64_t vocab_start, int64_t vocab_total, double logit_scale, double temperature) {
   check_identity_logit_map(logit_scale, temperature);
   at::Tensor grad = at::empty(logits.sizes(), logits.options());
   auto [objective, lse, mass] = fused_into(logits, target, weight, row_scale, z_scale, ignore_index, label_smoothing,
@@ -161,8 +159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_inplace_cuda(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const at::Tensor& row_scale, const std::optional<at::Tensor>& z_scale, int64_t ignore_index, double label_smoothing,
-    double softcap, int64_t vocab_start, int64_t vocab_total,
-    double logit_scale, double temperature) {
+    double softcap, int64_t vocab_start, int64_t vocab_total, double logit_scale, double temperature) {
   check_identity_logit_map(logit_scale, temperature);
   return fused_into(logits, target, weight, row_scale, z_scale, ignore_index, label_smoothing, softcap, vocab_start,
                     vocab_total, logits);
@@ -224,6 +221,59 @@ void scale_rows_cuda(const at::Tensor& rows, const at::Tensor& scale) {
   });
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_forward_cuda(const at::Tensor& student,
+                                                                                const at::Tensor& teacher, int64_t kind,
+                                                                                double beta, double temperature) {
+  check_distill_args(student, teacher, kind, beta, temperature);
+  const c10::cuda::CUDAGuard guard(student.device());
+  const auto opts = student.options().dtype(accumulate_type(student.scalar_type()));
+  const int64_t N = student.size(0);
+  at::Tensor loss = at::empty({N}, opts), aux = at::empty({N}, opts);
+  at::Tensor lse_student = at::empty({N}, opts), lse_teacher = at::empty({N}, opts);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "fused_ce_distill_forward_cuda",
+                                  [&] {
+                                    using acc_t = acc_type<scalar_t>;
+                                    auto r = make_distill_rows<scalar_t>(student, teacher, beta, temperature);
+                                    r.loss = loss.data_ptr<acc_t>();
+                                    r.aux = aux.data_ptr<acc_t>();
+                                    r.lse_student = lse_student.data_ptr<acc_t>();
+                                    r.lse_teacher = lse_teacher.data_ptr<acc_t>();
+                                    launch_distill_forward(r, kind, stream);
+                                  });
+  return {loss, aux, lse_student, lse_teacher};
+}
+
+at::Tensor distill_backward_cuda(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& aux,
+                                 const at::Tensor& lse_student, const at::Tensor& lse_teacher,
+                                 const at::Tensor& grad_loss, int64_t kind, double beta, double temperature) {
+  check_distill_args(student, teacher, kind, beta, temperature);
+  for (const auto& [t, name] : {std::pair{&aux, "aux"},
+                                {&lse_student, "lse_student"},
+                                {&lse_teacher, "lse_teacher"},
+                                {&grad_loss, "grad_loss"}}) {
+    check_row_vector(*t, name, student);
+  }
+  const c10::cuda::CUDAGuard guard(student.device());
+  const at::Tensor aux_c = aux.contiguous(), lse_s = lse_student.contiguous(), lse_t = lse_teacher.contiguous();
+  at::Tensor grad = at::empty(student.sizes(), student.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "fused_ce_distill_backward_cuda",
+                                  [&] {
+                                    using acc_t = acc_type<scalar_t>;
+                                    auto r = make_distill_rows<scalar_t>(student, teacher, beta, temperature);
+                                    // Forward's outputs, read by backward (the kernel does not write them).
+                                    r.aux = const_cast<acc_t*>(aux_c.const_data_ptr<acc_t>());
+                                    r.lse_student = const_cast<acc_t*>(lse_s.const_data_ptr<acc_t>());
+                                    r.lse_teacher = const_cast<acc_t*>(lse_t.const_data_ptr<acc_t>());
+                                    r.grad_loss = grad_loss.const_data_ptr<acc_t>();
+                                    r.grad_loss_stride = grad_loss.stride(0);
+                                    r.grad = grad.data_ptr<scalar_t>();
+                                    launch_distill_backward(r, kind, stream);
+                                  });
+  return grad;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_ce, CUDA, m) {
@@ -236,6 +286,8 @@ TORCH_LIBRARY_IMPL(fused_ce, CUDA, m) {
   m.impl("scale_rows_", &scale_rows_cuda);
   m.impl("entropy_forward", &entropy_forward_cuda);
   m.impl("entropy_backward", &entropy_backward_cuda);
+  m.impl("distill_forward", &distill_forward_cuda);
+  m.impl("distill_backward", &distill_backward_cuda);
 }
 
 }  // namespace fused_ce::cuda

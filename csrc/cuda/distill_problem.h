@@ -1,0 +1,28 @@
+// Builds a distillation launch's DistillRows from the ops' (already checked)
+// arguments. Shared by dispatch.cpp and the CPU emulation of the kernels in tests/.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "cuda/distill.h"
+
+namespace fused_ce::cuda {
+
+// The rows and options; the per-row outputs and the gradient are the caller's to set.
+template <typename scalar_t>
+DistillRows<scalar_t> make_distill_rows(const at::Tensor& student, const at::Tensor& teacher, double beta,
+                                        double temperature) {
+  using acc_t = acc_type<scalar_t>;
+  DistillRows<scalar_t> r{};
+  r.student = student.const_data_ptr<scalar_t>();
+  r.teacher = teacher.const_data_ptr<scalar_t>();
+  r.student_stride = student.stride(0);
+  r.teacher_stride = teacher.stride(0);
+  r.num_rows = student.size(0);
+  r.num_classes = student.size(1);
+  r.inv_t = static_cast<acc_t>(1.0 / temperature);
+  r.beta = static_cast<acc_t>(beta);
+  return r;
+}
+
+}  // namespace fused_ce::cuda
