@@ -59,18 +59,29 @@ struct Best {
   acc_t value = neg_inf<acc_t>();
   int64_t index = 0;
 
-  // A block's values v[0, n) at classes [first, first + n), whose max is block_max: the
-  // first class holding it (a NaN max: the first NaN) replaces the best if larger.
+  // A block's values v[0, n) (padded with -inf to whole vectors) at classes [first,
+  // first + n), whose max is block_max: the first class holding it (a NaN max: the first
+  // NaN) replaces the best if larger. Only a block that beats the best is searched --
+  // a few per row -- and a finite max a vector at a time.
   void take_block(const acc_t* v, int64_t n, int64_t first, acc_t block_max) {
+    using Vec = Vectorized<acc_t>;
     const bool block_nan = block_max != block_max;
     if (value != value || !(block_nan || block_max > value)) return;  // a NaN stays; ties keep the earlier
-    for (int64_t j = 0; j < n; ++j) {
-      if (block_nan ? v[j] != v[j] : v[j] == block_max) {
-        value = v[j];
-        index = first + j;
-        return;
+    int64_t j = 0;
+    if (std::isfinite(block_max)) {
+      const Vec m(block_max);
+      for (; j < n; j += Vec::size()) {
+        const int lanes = (Vec::loadu(v + j) - m).zero_mask();  // x - max == 0 exactly where x == max
+        if (lanes) {
+          j += __builtin_ctz(lanes);
+          break;
+        }
       }
+    } else {
+      while (j < n && !(block_nan ? v[j] != v[j] : v[j] == block_max)) ++j;
     }
+    value = v[j];
+    index = first + j;
   }
 };
 
