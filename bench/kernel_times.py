@@ -1,35 +1,44 @@
-"""Where the time of a training call goes: each fused_ce op alone, against a plain copy.
+"""Where the time of a training call goes: each fused_ce op alone, against a plain copy,
+for every kernel variant -- and the dispatch-table entries the sweep would write.
 
-    python bench/kernel_times.py [--shape 16384x128256] [--dtype bfloat16]
+    python bench/kernel_times.py [--shapes 16384x128256,8192x256000] [--dtype bfloat16]
+                                 [--variants auto,stream32,stream256,stream512,stream1024,single_read]
 
-Times (CUDA events, median of --reps after warm-up) the ops that ``cross_entropy``
-runs -- the forward kernel alone (evaluation), the fused kernel (loss and gradient in
-one call: each row read twice, the gradient written once), the recomputing backward
-kernel (one read, one write), the rescale of the gradient rows by the upstream
-gradient (skipped in-kernel when it is 1) -- and the public call with ``backward()``,
-next to ``dst.copy_(src)`` of the logits (one read, one write). ``passes`` is the time
-over a read-only pass at the copy's bandwidth: what an ideal kernel would need is 1
-for the forward, 3 for the fused kernel, 2 for the backward. On CUDA by default; on
-the CPU (``--device cpu``, wall-clock timing) it only checks that the script runs.
+Times (CUDA events, median of --reps after warm-up) the ops that ``cross_entropy`` runs --
+the forward kernel alone (evaluation), the fused kernel (loss and gradient in one call:
+each row read twice by the streaming variants, once by single_read; the gradient written
+once), the recomputing backward kernel (one read, one write), the rescale of the gradient
+rows by the upstream gradient (skipped in-kernel when it is 1) -- and the public call with
+``backward()``, next to ``dst.copy_(src)`` of the logits (one read, one write). ``passes``
+is the time over a read-only pass at the copy's bandwidth: an ideal kernel needs 1 for the
+forward, 2 for the fused kernel (3 if it reads twice), 2 for the backward.
 
-``--threads-per-row auto,1024`` repeats the kernels' rows for each mapping of threads
-to a row (``auto``: the built-in table; else through FUSED_CE_CUDA_THREADS_PER_ROW,
-see csrc/cuda/launch.cuh), to measure another choice without a rebuild.
+Each variant runs in its own process with FUSED_CE_CUDA_VARIANT set (``auto``: unset, the
+built-in table; csrc/cuda/variants.h), since the library reads that variable once. A
+variant a launch cannot take (single_read: sm_90, forward passes, rows up to a cluster's
+shared memory) runs the table's choice there, and is timed as that. At the end, per shape
+and pass, the fastest variant, as a line for kDispatchTable. On the CPU (``--device cpu``, wall-clock timing)
+it only checks that the script runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
 
-import fused_ce
-
-
-THREADS_ENV = "FUSED_CE_CUDA_THREADS_PER_ROW"
+# FUSED_CE_CUDA_VARIANT names and their csrc/cuda/variants.h enumerators.
+VARIANTS = {"stream32": "kStream32", "stream256": "kStream256", "stream512": "kStream512",
+            "stream1024": "kStream1024", "single_read": "kSingleRead"}
+VARIANT_ENV = "FUSED_CE_CUDA_VARIANT"
+TABLE_PASSES = {"forward kernel": "kPassForward", "fused kernel": "kPassFused", "backward kernel": "kPassBackward"}
+DTYPE_BITS = {"float32": "kFloat32", "float64": "kFloat64", "float16": "kFloat16", "bfloat16": "kBFloat16"}
 
 
 def _time(fn, reps: int, on_cuda: bool, warmup: int = 3) -> float:
@@ -51,21 +60,13 @@ def _time(fn, reps: int, on_cuda: bool, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="16384x128256")
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads-per-row", default="auto", help="comma-separated: auto, 32, 256, 512, 1024")
-    args = parser.parse_args()
-    mappings = args.threads_per_row.split(",")
-    for mapping in mappings:
-        if mapping not in ("auto", "32", "256", "512", "1024"):
-            parser.error(f"--threads-per-row: {mapping!r} is not auto, 32, 256, 512 or 1024")
-    n, v = (int(s) for s in args.shape.split("x"))
-    dtype = getattr(torch, args.dtype)
-    device = torch.device(args.device)
+def measure(shape: str, dtype_name: str, reps: int, device_name: str) -> dict:
+    """This process's times (ms) of every op at one shape (the variant: FUSED_CE_CUDA_VARIANT)."""
+    import fused_ce
+
+    n, v = (int(s) for s in shape.split("x"))
+    dtype = getattr(torch, dtype_name)
+    device = torch.device(device_name)
     logits = torch.randn(n, v, device=device).to(dtype)
     target = torch.randint(0, v, (n,), device=device)
     ops = torch.ops.fused_ce
@@ -91,30 +92,80 @@ def main() -> None:
         "scale rows by 0.5": lambda: ops.scale_rows_(grad, halves),
         "cross_entropy + backward()": public_fwd_bwd,
     }
-    gbytes = n * v * logits.element_size() / 1e9
     on_cuda = device.type == "cuda"
-    copy_ms = _time(rows["copy (read + write)"], args.reps, on_cuda)
-    read_ms = copy_ms / 2  # one pass over the logits at the copy's bandwidth
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"{name}, torch {torch.__version__}, logits {n}x{v} {args.dtype} "
-          f"({gbytes:.2f} GB); copy: {2 * gbytes / copy_ms * 1e3:.0f} GB/s counted read + write")
-    print(f"{'op':28s} {'ms':>8s} {'passes':>7s}")
-    # The copy and scale_rows_ (a fixed 256 threads per row) do not depend on the mapping.
-    fixed = [name for name in rows if name.startswith(("copy", "scale rows"))]
-    for name in fixed:
-        ms = copy_ms if name.startswith("copy") else _time(rows[name], args.reps, on_cuda)
-        print(f"{name:28s} {ms:8.3f} {ms / read_ms:7.2f}")
-    for mapping in mappings:
-        if mapping == "auto":
-            os.environ.pop(THREADS_ENV, None)
-        else:
-            os.environ[THREADS_ENV] = mapping
-        print(f"threads per row: {mapping}")
-        for name, fn in rows.items():
-            if name not in fixed:
-                ms = _time(fn, args.reps, on_cuda)
-                print(f"{name:28s} {ms:8.3f} {ms / read_ms:7.2f}")
-    os.environ.pop(THREADS_ENV, None)
+    times = {name: _time(fn, reps, on_cuda) for name, fn in rows.items()}
+    return {
+        "device": torch.cuda.get_device_name() if on_cuda else "cpu",
+        "torch": torch.__version__,
+        "gbytes": n * v * logits.element_size() / 1e9,
+        "ms": times,
+    }
+
+
+def run_variant(variant: str, args) -> dict:
+    env = dict(os.environ)
+    env.pop(VARIANT_ENV, None)
+    if variant != "auto":
+        env[VARIANT_ENV] = variant
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--shapes", args.shapes, "--dtype", args.dtype,
+           "--reps", str(args.reps), "--device", args.device]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"variant {variant}: exit {out.returncode}\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="16384x128256", help="comma-separated NxV")
+    parser.add_argument("--shape", help="one NxV (the same as --shapes with one)")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--variants", default="auto," + ",".join(VARIANTS), help="comma-separated: auto, " +
+                        ", ".join(VARIANTS))
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.shape:
+        args.shapes = args.shape
+    if args.child:  # one variant (from the environment), every shape: JSON on the last line
+        print(json.dumps({s: measure(s, args.dtype, args.reps, args.device) for s in args.shapes.split(",")}))
+        return
+    variants = args.variants.split(",")
+    for v in variants:
+        if v != "auto" and v not in VARIANTS:
+            parser.error(f"--variants: {v!r} is not auto or one of {', '.join(VARIANTS)}")
+    results = {v: run_variant(v, args) for v in variants}
+    first = results[variants[0]]
+    for shape in args.shapes.split(","):
+        info = first[shape]
+        copy_ms = info["ms"]["copy (read + write)"]
+        print(f"\n{info['device']}, torch {info['torch']}, logits {shape} {args.dtype} ({info['gbytes']:.2f} GB); "
+              f"copy: {2 * info['gbytes'] / copy_ms * 1e3:.0f} GB/s counted read + write")
+        print("passes over a read (ms in brackets), against each process's own copy; FUSED_CE_CUDA_VARIANT=<name>")
+        print(f"{'op':28s} " + " ".join(f"{v:>18s}" for v in variants))
+
+        def passes(v: str, op: str) -> float:  # time over one read at the copy's bandwidth (half a copy)
+            ms = results[v][shape]["ms"]
+            return ms[op] / (ms["copy (read + write)"] / 2)
+
+        for op in info["ms"]:
+            cells = [f"{passes(v, op):7.2f} ({results[v][shape]['ms'][op]:7.3f})" for v in variants]
+            print(f"{op:28s} " + " ".join(f"{c:>18s}" for c in cells))
+        print("fastest per pass, as kDispatchTable lines (V up to this shape's; check the neighbours):")
+        _, v_size = shape.split("x")
+        for op, pass_name in TABLE_PASSES.items():
+            # single_read cannot take a backward launch: forced, it runs the table's choice.
+            timed = {v: passes(v, op) for v in variants if v != "auto" and not (v == "single_read" and
+                                                                                 pass_name == "kPassBackward")}
+            if not timed:
+                continue
+            best = min(timed, key=timed.get)
+            figure = f"{info['device']}, {shape} {args.dtype}: {op.split()[0]} {timed[best]:.2f} passes"
+            if "auto" in results:
+                figure += f" (table today: {passes('auto', op):.2f})"
+            print(f'    {{90, {DTYPE_BITS.get(args.dtype, "kAnyDtype")}, {v_size}, {pass_name}, '
+                  f'Variant::{VARIANTS[best]}, "{figure}"}},')
 
 
 if __name__ == "__main__":
