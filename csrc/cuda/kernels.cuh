@@ -118,12 +118,13 @@ struct RowSplit {
   int num_classes;
 };
 
+// row: element-aligned (launch.cuh checks), so the head is shorter than a vector -- one
+// element for each of its first lanes.
 template <typename scalar_t>
 __device__ __forceinline__ RowSplit split_row(const scalar_t* row, int num_classes) {
   constexpr int W = kVecWidth<scalar_t>;
   const int misalign = int(reinterpret_cast<uintptr_t>(row) % 16);
   int head = misalign == 0 ? 0 : (16 - misalign) / int(sizeof(scalar_t));
-  if (misalign % int(sizeof(scalar_t)) != 0) head = num_classes;  // not element-aligned: all scalar
   head = head < num_classes ? head : num_classes;
   return {head, head + (num_classes - head) / W * W, num_classes};
 }

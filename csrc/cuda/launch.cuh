@@ -89,6 +89,14 @@ inline const DeviceLimits& current_device_limits() {
   return *limits;
 }
 
+// The kernels split rows at 16-byte boundaries into whole elements: PyTorch's tensors are
+// element-aligned (offsets count elements); memory from elsewhere that is not is refused.
+template <typename T>
+void check_element_aligned(const T* p, const char* what) {
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(p) % alignof(T) == 0, "fused_ce: ", what, " at ", static_cast<const void*>(p),
+              " is not aligned to its ", alignof(T), "-byte elements");
+}
+
 template <typename scalar_t>
 Variant launch_variant(int64_t num_classes, Pass pass) {
   TORCH_CHECK(num_classes <= kMaxRowLength, "fused_ce: rows of more than ", kMaxRowLength,
@@ -111,6 +119,9 @@ template <typename scalar_t>
 void launch_forward(const RowProblem<scalar_t>& p, const ForwardOutputs<acc_type<scalar_t>>& out,
                     const GradInForward<scalar_t>& with_grad, cudaStream_t stream) {
   if (p.num_rows == 0) return;
+  check_element_aligned(p.logits, "logits");
+  if (p.target_probs) check_element_aligned(p.target_probs, "target");
+  if (with_grad.grad) check_element_aligned(with_grad.grad, "grad");
   const Pass pass = with_grad.grad != nullptr ? kPassFused : kPassForward;
   run_forward(p, out, with_grad, launch_variant<scalar_t>(p.num_classes, pass), current_device_limits(),
               CudaLauncher{stream});
@@ -120,6 +131,9 @@ template <typename scalar_t>
 void launch_backward(const RowProblem<scalar_t>& p, const BackwardInputs<acc_type<scalar_t>>& in, scalar_t* grad,
                      int64_t grad_stride, cudaStream_t stream) {
   if (p.num_rows == 0) return;
+  check_element_aligned(p.logits, "logits");
+  if (p.target_probs) check_element_aligned(p.target_probs, "target");
+  check_element_aligned(grad, "grad");
   run_backward(p, in, grad, grad_stride, launch_variant<scalar_t>(p.num_classes, kPassBackward),
                CudaLauncher{stream});
 }
@@ -128,6 +142,7 @@ template <typename scalar_t>
 void launch_scale_rows(scalar_t* rows, int64_t num_rows, int64_t num_classes, int64_t stride,
                        const acc_type<scalar_t>* scale, int64_t scale_stride, cudaStream_t stream) {
   if (num_rows == 0 || num_classes == 0) return;
+  check_element_aligned(rows, "rows");
   TORCH_CHECK(num_classes <= kMaxRowLength, "fused_ce: rows of more than ", kMaxRowLength,
               " classes are not supported on CUDA, got ", num_classes);
   run_scale_rows(rows, num_rows, num_classes, stride, scale, scale_stride, 4096, CudaLauncher{stream});
@@ -136,12 +151,14 @@ void launch_scale_rows(scalar_t* rows, int64_t num_rows, int64_t num_classes, in
 template <typename scalar_t>
 void launch_entropy_forward(const EntropyArgs<scalar_t>& a, cudaStream_t stream) {
   if (a.num_rows == 0) return;
+  check_element_aligned(a.logits, "logits");
   run_entropy(a, false, launch_variant<scalar_t>(a.num_classes, kPassEntropy), CudaLauncher{stream});
 }
 
 template <typename scalar_t>
 void launch_entropy_backward(const EntropyArgs<scalar_t>& a, cudaStream_t stream) {
   if (a.num_rows == 0) return;
+  check_element_aligned(a.logits, "logits");
   run_entropy(a, true, launch_variant<scalar_t>(a.num_classes, kPassEntropy), CudaLauncher{stream});
 }
 
