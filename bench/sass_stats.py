@@ -83,7 +83,8 @@ def setup_nvcc_flags(root: str) -> list[str]:
     """The `nvcc = [...]` list of setup.py's extension()."""
     tree = ast.parse(open(os.path.join(root, "setup.py")).read())
     for node in ast.walk(tree):
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "nvcc" for t in node.targets):
+        if (isinstance(node, ast.Assign) and isinstance(node.value, ast.List)
+                and any(isinstance(t, ast.Name) and t.id == "nvcc" for t in node.targets)):
             return [ast.literal_eval(e) for e in node.value.elts]
     sys.exit("setup.py: no `nvcc = [...]` flag list found")
 
