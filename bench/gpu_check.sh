@@ -6,14 +6,17 @@
 #   2. bench/sanitize_cuda.py: every CUDA kernel against the CPU kernels, quickly;
 #   3. the CUDA tests (--slow included: the > 2**31-element case);
 #   4. the benchmark (python bench/run.py) with its JSON;
-#   5. bench/kernel_times.py: each op's time against a copy of the logits;
+#   5. bench/kernel_times.py: each op's time against a copy of the logits, for every
+#      kernel variant, and the dispatch-table lines it would write (kernel_times.txt);
 #   6. compute-sanitizer memcheck and initcheck over bench/sanitize_cuda.py, racecheck
-#      over its --quick cases (racecheck is the slowest);
+#      over its --quick cases (racecheck is the slowest); then memcheck over --quick with
+#      each variant forced (FUSED_CE_CUDA_VARIANT), single_read also at its shared-memory
+#      and cluster boundaries;
 #   7. the --step, --plot and --linear benchmarks (--linear with Liger-Kernel and
 #      cut-cross-entropy when their wheels are carried).
 #
 # Everything goes to $OUT (default ./out): gpu_check.log (the whole raw log, every
-# step's output in it), the benchmarks' JSON and the plots. The steps run in that
+# step's output in it), kernel_times.txt, the benchmarks' JSON and the plots. The steps run in that
 # order of value under one time budget, GPU_CHECK_BUDGET seconds (default 540): each
 # step's own limit is cut to what is left, and a step that would start with under 20 s
 # left is skipped (and recorded). A failing step is recorded and the next one still
@@ -82,7 +85,7 @@ fi
 
 # 1. Build in place (no pip needed: the machine is offline), sm_90 only unless overridden.
 if [ "$DRY_RUN" = 1 ]; then export FUSED_CE_CUDA=${FUSED_CE_CUDA:-auto}; else export FUSED_CE_CUDA=1; fi
-if ! step build 240 "$PY" setup.py build_ext --inplace; then
+if ! step build 300 "$PY" setup.py build_ext --inplace; then
   say "build failed: nothing else can run"
   exit 1
 fi
@@ -108,10 +111,13 @@ QUICK=()
 [ "$DRY_RUN" = 1 ] && QUICK=(--quick)
 step bench 150 "$PY" bench/run.py --json "$OUT/bench.json" --no-progress "${QUICK[@]}"
 
-# 5. Each op's time against a copy of the logits (where the time of a training call goes).
-#    Also with 1024 threads per row (one row per SM: do the fused kernel's rows stay in L2?).
-step kernel-times 90 "$PY" bench/kernel_times.py --device "$DEVICE" --threads-per-row auto,1024,256 \
-  "${QUICK[@]/--quick/--shape=256x4096}"
+# 5. Each op's time against a copy of the logits (where the time of a training call goes),
+#    for every variant (each in its own process: the variable is read once), at the shapes
+#    of the issue: 256 KB rows (a cluster of 3 for single_read) and 512 KB rows (5).
+SHAPES=16384x128256,8192x256000
+[ "$DRY_RUN" = 1 ] && SHAPES=256x4096
+step kernel-times 150 bash -c "set -o pipefail; '$PY' bench/kernel_times.py --device '$DEVICE' --shapes $SHAPES \
+  | tee '$OUT/kernel_times.txt'"
 
 # 6. compute-sanitizer over bench/sanitize_cuda.py (small shapes: every access is instrumented).
 if command -v compute-sanitizer >/dev/null 2>&1; then
@@ -121,8 +127,15 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
     step "sanitizer-$tool" 150 compute-sanitizer --tool "$tool" --error-exitcode 9 --target-processes all \
       "$PY" bench/sanitize_cuda.py --device "$DEVICE" "${cases[@]}"
   done
-  # The 1024-threads-per-row mapping (a measuring knob), every launch forced to it.
-  step sanitizer-memcheck-1024 90 env FUSED_CE_CUDA_THREADS_PER_ROW=1024 compute-sanitizer --tool memcheck \
+  # Every variant, every launch forced to it (where it can take the launch); single_read
+  #  also at its boundaries (one CTA, two, the largest cluster, past it).
+  for variant in stream32 stream256 stream512 stream1024 single_read; do
+    extra=()
+    [ "$variant" = single_read ] && extra=(--single-read-boundaries)
+    step "sanitizer-memcheck-$variant" 90 env FUSED_CE_CUDA_VARIANT=$variant compute-sanitizer --tool memcheck \
+      --error-exitcode 9 --target-processes all "$PY" bench/sanitize_cuda.py --device "$DEVICE" --quick "${extra[@]}"
+  done
+  step sanitizer-racecheck-single_read 120 env FUSED_CE_CUDA_VARIANT=single_read compute-sanitizer --tool racecheck \
     --error-exitcode 9 --target-processes all "$PY" bench/sanitize_cuda.py --device "$DEVICE" --quick
 else
   say "compute-sanitizer not found: skipped"

@@ -1,56 +1,55 @@
-"""Where the time of a training call goes: each fused_ce op alone, against a plain copy.
+"""Where the time of a training call goes: each fused_ce op alone, against a plain copy,
+for every kernel variant -- and the dispatch-table entries the sweep would write.
 
-    python bench/kernel_times.py [--shape 16384x128256] [--dtype bfloat16]
+    python bench/kernel_times.py [--shapes 16384x128256,8192x256000] [--dtype bfloat16]
+                                 [--variants auto,stream32,stream256,stream512,stream1024,single_read]
 
-Times (``harness.time_interleaved``: CUDA events, the ops interleaved, median of
---reps after --warmup) the ops that ``cross_entropy`` runs -- the forward kernel
-alone (evaluation), the fused kernel (loss and gradient in one call: each row read
-twice, the gradient written once), the recomputing backward kernel (one read, one
-write), the rescale of the gradient rows by the upstream gradient (skipped in-kernel
-when it is 1) -- and the public call with ``backward()``, next to ``dst.copy_(src)``
-of the logits (one read, one write). ``passes`` is the time over a read-only pass at
-the copy's bandwidth: what an ideal kernel would need is 1 for the forward, 3 for the
-fused kernel, 2 for the backward. On CUDA by default; on the CPU (``--device cpu``,
-wall-clock timing) it only checks that the script runs.
+Times (CUDA events, median of --reps after warm-up) the ops that ``cross_entropy`` runs --
+the forward kernel alone (evaluation), the fused kernel (loss and gradient in one call:
+each row read twice by the streaming variants, once by single_read; the gradient written
+once), the recomputing backward kernel (one read, one write), the rescale of the gradient
+rows by the upstream gradient (skipped in-kernel when it is 1) -- and the public call with
+``backward()``, next to ``dst.copy_(src)`` of the logits (one read, one write). ``passes``
+is the time over a read-only pass at the copy's bandwidth: an ideal kernel needs 1 for the
+forward, 2 for the fused kernel (3 if it reads twice), 2 for the backward.
 
-``--threads-per-row auto,1024`` repeats the kernels' rows for each mapping of threads
-to a row (``auto``: the built-in table; else through FUSED_CE_CUDA_THREADS_PER_ROW,
-see csrc/cuda/launch.cuh), to measure another choice without a rebuild.
+Each variant runs in its own process with FUSED_CE_CUDA_VARIANT set (``auto``: unset, the
+built-in table; csrc/cuda/variants.h), since the library reads that variable once. A
+variant a launch cannot take (single_read: sm_90, forward passes, rows up to a cluster's
+shared memory) runs the table's choice there, and is timed as that. At the end, per shape
+and pass, the fastest variant, as a line for kDispatchTable. On the CPU (``--device cpu``, wall-clock timing)
+it only checks that the script runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
-from collections.abc import Sequence
+import subprocess
+import sys
 
 import torch
 
-import fused_ce
 import harness
 
-THREADS_ENV = "FUSED_CE_CUDA_THREADS_PER_ROW"
-MAPPINGS = ("auto", "32", "256", "512", "1024")
+# FUSED_CE_CUDA_VARIANT names and their csrc/cuda/variants.h enumerators.
+VARIANTS = {"stream32": "kStream32", "stream256": "kStream256", "stream512": "kStream512",
+            "stream1024": "kStream1024", "single_read": "kSingleRead"}
+VARIANT_ENV = "FUSED_CE_CUDA_VARIANT"
+TABLE_PASSES = {"forward kernel": "kPassForward", "fused kernel": "kPassFused", "backward kernel": "kPassBackward"}
+DTYPE_BITS = {"float32": "kFloat32", "float64": "kFloat64", "float16": "kFloat16", "bfloat16": "kBFloat16"}
 COPY = "copy (read + write)"
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", type=harness.shape_type("NxV", "16384x128256"), default=(16384, 128256))
-    parser.add_argument("--dtype", type=harness.parse_dtype, default=torch.bfloat16)
-    parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    harness.add_device_argument(parser)
-    parser.add_argument(
-        "--threads-per-row",
-        type=lambda text: harness.parse_choices(text, MAPPINGS, "mapping(s)"),
-        default=["auto"],
-        help="comma-separated: auto, 32, 256, 512, 1024",
-    )
-    args = parser.parse_args(argv)
-    device = harness.resolve_device(parser, args.device)
-    (n, v), dtype = args.shape, args.dtype
+def measure(shape: str, dtype_name: str, reps: int, warmup: int, device_name: str) -> dict:
+    """This process's times (ms) of every op at one shape (the variant: FUSED_CE_CUDA_VARIANT)."""
+    import fused_ce
+
+    n, v = (int(s) for s in shape.split("x"))
+    dtype = getattr(torch, dtype_name)
+    device = torch.device(device_name)
     logits = torch.randn(n, v, device=device).to(dtype)
     target = torch.randint(0, v, (n,), device=device)
     ops = torch.ops.fused_ce
@@ -61,63 +60,102 @@ def main(argv: Sequence[str] | None = None) -> None:
     grad = torch.zeros_like(logits)
     halves = torch.full((n,), 0.5, device=device, dtype=acc)
     copy_dst = torch.empty_like(logits)
+
     x = logits.detach().requires_grad_()
 
     def drop_grad():
         x.grad = None
 
-    # The copy and scale_rows_ (a fixed 256 threads per row) do not depend on the mapping.
-    fixed = {
+    rows = {
         COPY: lambda: copy_dst.copy_(logits),
-        "scale rows by 1 (skipped)": lambda: ops.scale_rows_(grad, ones),
-        "scale rows by 0.5": lambda: ops.scale_rows_(grad, halves),
-    }
-    per_mapping = {
         "forward kernel": lambda: ops.cross_entropy_forward(logits, target, None, -100, 0.0, 0.0),
         "fused kernel": lambda: ops.cross_entropy_fused(logits, target, None, row_scale, None, -100, 0.0, 0.0),
-        "backward kernel": lambda: ops.cross_entropy_backward(
-            logits, target, None, lse, mass * row_scale, row_scale, -100, 0.0, 0.0
-        ),
+        "backward kernel": lambda: ops.cross_entropy_backward(logits, target, None, lse, mass * row_scale, row_scale,
+                                                              -100, 0.0, 0.0),
+        "scale rows by 1 (skipped)": lambda: ops.scale_rows_(grad, ones),
+        "scale rows by 0.5": lambda: ops.scale_rows_(grad, halves),
         "cross_entropy + backward()": harness.Timed(
             lambda: fused_ce.cross_entropy(x, target).backward(), after=drop_grad
         ),
     }
+    measured = harness.time_interleaved(rows, reps=reps, warmup=warmup, device=device)
+    times = {name: statistics.median(t) if not isinstance(t, str) else float("nan") for name, t in measured.items()}
+    return {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "gbytes": n * v * logits.element_size() / 1e9,
+        "ms": times,
+    }
 
-    def measure(fns) -> dict[str, list[float] | str]:
-        return harness.time_interleaved(fns, reps=args.reps, warmup=args.warmup, device=device)
 
-    measured = [("-", measure(fixed))]
-    for mapping in args.threads_per_row:
-        if mapping == "auto":
-            os.environ.pop(THREADS_ENV, None)
-        else:
-            os.environ[THREADS_ENV] = mapping
-        try:
-            measured.append((mapping, measure(per_mapping)))
-        finally:
-            os.environ.pop(THREADS_ENV, None)
+def run_variant(variant: str, args) -> dict:
+    env = dict(os.environ)
+    env.pop(VARIANT_ENV, None)
+    if variant != "auto":
+        env[VARIANT_ENV] = variant
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--shapes", args.shapes, "--dtype", args.dtype,
+           "--reps", str(args.reps), "--warmup", str(args.warmup), "--device", args.device]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"variant {variant}: exit {out.returncode}\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
-    copy_times = measured[0][1][COPY]
-    if isinstance(copy_times, str):
-        raise SystemExit(f"the copy failed: {copy_times}")
-    copy_ms = statistics.median(copy_times)
-    read_ms = copy_ms / 2  # one pass over the logits at the copy's bandwidth
-    gbytes = n * v * logits.element_size() / 1e9
-    print(harness.describe(harness.environment(device)))
-    print(
-        f"logits {n}x{v} {harness.dtype_name(dtype)} ({gbytes:.2f} GB); copy: {2 * gbytes / copy_ms * 1e3:.0f} GB/s "
-        f"counted read + write; median of {args.reps} reps after {args.warmup} warm-up, interleaved"
-    )
-    rows, groups = [], []
-    for mapping, times in measured:
-        for name, value in times.items():
-            if isinstance(value, str):
-                rows.append([name, mapping, f"failed: {value}", ""])
-            else:
-                ms = statistics.median(value)
-                rows.append([name, mapping, f"{ms:.3f}", f"{ms / read_ms:.2f}"])
-            groups.append(mapping)
-    print(harness.format_table(["op", "threads/row", "ms", "passes"], rows, left={"op", "threads/row"}, groups=groups))
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="16384x128256", help="comma-separated NxV")
+    parser.add_argument("--shape", help="one NxV (the same as --shapes with one)")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--variants", help="comma-separated: auto, " + ", ".join(VARIANTS) +
+                        " (default: all of them on CUDA, auto on the CPU, which has no variants)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.shape:
+        args.shapes = args.shape
+    if args.child:  # one variant (from the environment), every shape: JSON on the last line
+        print(json.dumps({s: measure(s, args.dtype, args.reps, args.warmup, args.device)
+                          for s in args.shapes.split(",")}))
+        return
+    if args.variants is None:
+        args.variants = "auto," + ",".join(VARIANTS) if args.device.startswith("cuda") else "auto"
+    variants = args.variants.split(",")
+    for v in variants:
+        if v != "auto" and v not in VARIANTS:
+            parser.error(f"--variants: {v!r} is not auto or one of {', '.join(VARIANTS)}")
+    results = {v: run_variant(v, args) for v in variants}
+    first = results[variants[0]]
+    for shape in args.shapes.split(","):
+        info = first[shape]
+        copy_ms = info["ms"][COPY]
+        print(f"\n{info['device']}, torch {info['torch']}, logits {shape} {args.dtype} ({info['gbytes']:.2f} GB); "
+              f"copy: {2 * info['gbytes'] / copy_ms * 1e3:.0f} GB/s counted read + write")
+        print("passes over a read (ms in brackets), against each process's own copy; FUSED_CE_CUDA_VARIANT=<name>")
+        print(f"{'op':28s} " + " ".join(f"{v:>18s}" for v in variants))
+
+        def passes(v: str, op: str, shape: str = shape) -> float:  # time over one read at the copy's bandwidth
+            ms = results[v][shape]["ms"]
+            return ms[op] / (ms[COPY] / 2)
+
+        for op in info["ms"]:
+            cells = [f"{passes(v, op):7.2f} ({results[v][shape]['ms'][op]:7.3f})" for v in variants]
+            print(f"{op:28s} " + " ".join(f"{c:>18s}" for c in cells))
+        print("fastest per pass, as kDispatchTable lines (V up to this shape's; check the neighbours):")
+        _, v_size = shape.split("x")
+        for op, pass_name in TABLE_PASSES.items():
+            # single_read cannot take a backward launch: forced, it runs the table's choice.
+            timed = {v: passes(v, op) for v in variants if v != "auto" and not (v == "single_read" and
+                                                                                 pass_name == "kPassBackward")}
+            if not timed:
+                continue
+            best = min(timed, key=timed.get)
+            figure = f"{info['device']}, {shape} {args.dtype}: {op.split()[0]} {timed[best]:.2f} passes"
+            if "auto" in results:
+                figure += f" (table today: {passes('auto', op):.2f})"
+            print(f'    {{90, {DTYPE_BITS.get(args.dtype, "kAnyDtype")}, {v_size}, {pass_name}, '
+                  f'Variant::{VARIANTS[best]}, "{figure}"}},')
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 Run under ``compute-sanitizer --tool memcheck|racecheck|initcheck`` (bench/gpu_check.sh
 does): pytest under the sanitizer spends most of its time in instrumented start-up and
-in torch.compile, while this touches every kernel -- each threads-per-row mapping
-(V <= 1024: 32 threads, <= 8192: 256, else 512), 16-byte aligned and unaligned rows,
+in torch.compile, while this touches every kernel -- each threads-per-row mapping the
+dispatch table chooses (V <= 1024: 32 threads, <= 8192: 256, else 512; another variant
+where FUSED_CE_CUDA_VARIANT forces one), 16-byte aligned and unaligned rows,
 odd V, every dtype, index and probability targets, weights, label smoothing, z-loss,
 soft-capping, ignored rows, the forward, backward, fused and in-place gradients, the
 entropy kernels, vocabulary slices and the fused linear path -- in a few hundred small
@@ -11,10 +12,13 @@ launches. Each result is also compared with the same call on the CPU kernels (wh
 tests hold to float64 references), so a wrong number fails the run as well as a bad
 access. Exit status 0: every case matched.
 
-    python bench/sanitize_cuda.py [--device cuda] [--quick]
+    python bench/sanitize_cuda.py [--device cuda] [--quick] [--single-read-boundaries]
 
 --quick: one V per threads-per-row mapping, float32 and bfloat16, two option sets --
 for racecheck, whose instrumentation of shared memory and barriers is the slowest.
+--single-read-boundaries: also V at the single-read variant's boundaries on this GPU (one
+CTA's share of shared memory, two, the largest cluster, one vector past it), bf16 and
+float32 -- for a run with FUSED_CE_CUDA_VARIANT=single_read (bench/gpu_check.sh).
 """
 
 from __future__ import annotations
@@ -71,11 +75,31 @@ def _loss_and_grad(logits: torch.Tensor, target: torch.Tensor, **kw) -> tuple[to
     return loss, x.grad
 
 
-def run(device: torch.device, quick: bool = False) -> list[str]:
+def single_read_boundaries(device: torch.device) -> list[tuple[int, torch.dtype]]:
+    """(V, dtype) at the single-read variant's boundaries, sized as csrc/cuda/launch.cuh and
+    single_read.cuh size it: a CTA's share is half an SM's shared memory less 1 KB (at most
+    the per-block opt-in), of which 416 bytes scratch, the rest 16-byte vectors of the row;
+    clusters of up to 8 CTAs. (H100/H200 figures where torch does not report them.)"""
+    props = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
+    per_sm = getattr(props, "shared_memory_per_multiprocessor", 233472)
+    per_block = getattr(props, "shared_memory_per_block_optin", 232448)
+    vectors = (min(per_sm // 2 - 1024, per_block) - 416) // 16
+    cases = []
+    for dtype in (torch.bfloat16, torch.float32):
+        w = 16 // torch.tensor([], dtype=dtype).element_size()
+        one = vectors * w
+        cases += [(v, dtype) for v in (one, one + w, 2 * one + 1, 8 * one + w - 1, 8 * one + w)]
+    return cases
+
+
+def run(device: torch.device, quick: bool = False, boundaries: bool = False) -> list[str]:
     failures: list[str] = []
     cases = 0
     vocabs = (7, 1025, 8193) if quick else VOCABS
     dtypes = (torch.float32, torch.bfloat16) if quick else DTYPES
+    vocab_dtypes = list(itertools.product(vocabs, dtypes))
+    if boundaries:
+        vocab_dtypes += single_read_boundaries(device)
     options = [
         {},
         {"label_smoothing": 0.1, "reduction": "sum"},
@@ -84,7 +108,7 @@ def run(device: torch.device, quick: bool = False) -> list[str]:
     ]
     if quick:
         options = options[:1] + options[-1:]
-    for v, dtype, aligned, kind, opts in itertools.product(vocabs, dtypes, (True, False), ("index", "probs"), options):
+    for (v, dtype), aligned, kind, opts in itertools.product(vocab_dtypes, (True, False), ("index", "probs"), options):
         if kind == "probs" and "z_loss" in opts:
             continue  # z-loss is defined for class-index targets only
         kw = dict(opts)
@@ -154,9 +178,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="fewer cases (for racecheck)")
+    parser.add_argument("--single-read-boundaries", action="store_true", help="also V at single_read's boundaries")
     args = parser.parse_args()
     torch.manual_seed(0)
-    failures = run(torch.device(args.device), args.quick)
+    failures = run(torch.device(args.device), args.quick, args.single_read_boundaries)
     for line in failures[:50]:
         print("MISMATCH", line)
     return 1 if failures else 0

@@ -8,6 +8,9 @@ check their own arguments too, since opcheck and torch.compile call them directl
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -353,32 +356,48 @@ def test_raw_backward_op_checks_its_arguments(case):
         )
 
 
-def test_threads_per_row_override(cuda_device, monkeypatch):
-    # FUSED_CE_CUDA_THREADS_PER_ROW (a measuring knob, csrc/cuda/launch.cuh): another
-    # mapping gives the same results up to the merge order; a bad value is refused.
-    x = torch.randn(6, 20000, device=cuda_device).bfloat16()
-    target = torch.randint(0, 20000, (6,), device=cuda_device)
-    probs = torch.softmax(torch.randn(6, 20000, device=cuda_device), -1).bfloat16()
+_VARIANT_RESULTS = """
+import sys, torch, fused_ce
+torch.manual_seed(0)
+x = torch.randn(6, 20000, device="cuda").bfloat16()
+target = torch.randint(0, 20000, (6,), device="cuda")
+probs = torch.softmax(torch.randn(6, 20000, device="cuda"), -1).bfloat16()
+# Forward alone, the fused loss + gradient, smoothing, probability targets, entropy.
+xs = x.detach().requires_grad_(True)
+loss = fused_ce.cross_entropy(xs, target, label_smoothing=0.1)
+loss.backward()
+h = x.detach().requires_grad_(True)
+entropy = fused_ce.entropy(h)
+entropy.sum().backward()
+torch.save([t.cpu() for t in (fused_ce.cross_entropy(x, target, reduction="none"), loss, xs.grad,
+            fused_ce.cross_entropy(x, probs, reduction="none"), entropy, h.grad)], sys.argv[1])
+"""
 
-    def results():
-        # Forward alone, the fused loss + gradient, smoothing, probability targets, entropy.
-        xs = x.detach().requires_grad_(True)
-        loss = fused_ce.cross_entropy(xs, target, label_smoothing=0.1)
-        loss.backward()
-        h = x.detach().requires_grad_(True)
-        entropy = fused_ce.entropy(h)
-        entropy.sum().backward()
-        return (fused_ce.cross_entropy(x, target, reduction="none"), loss, xs.grad,
-                fused_ce.cross_entropy(x, probs, reduction="none"), entropy, h.grad)
 
-    expected = results()
-    for threads in ("1024", "256", "32"):
-        monkeypatch.setenv("FUSED_CE_CUDA_THREADS_PER_ROW", threads)
-        for got, want in zip(results(), expected):
-            torch.testing.assert_close(got, want)
-    monkeypatch.setenv("FUSED_CE_CUDA_THREADS_PER_ROW", "7")
-    with pytest.raises(RuntimeError, match="FUSED_CE_CUDA_THREADS_PER_ROW must be 32, 256, 512 or 1024"):
-        fused_ce.cross_entropy(x, target)
+def _variant_results(variant: str, path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "FUSED_CE_CUDA_VARIANT"}
+    if variant != "auto":
+        env["FUSED_CE_CUDA_VARIANT"] = variant
+    return subprocess.run(
+        [sys.executable, "-c", _VARIANT_RESULTS, str(path)], env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_variant_override(cuda_device, tmp_path):
+    # FUSED_CE_CUDA_VARIANT (a measuring knob, csrc/cuda/variants.h), read once per
+    # process: every variant gives the same results up to the merge order; a name that is
+    # no variant is refused at the first launch.
+    runs = {}
+    for variant in ("auto", "stream32", "stream256", "stream512", "stream1024", "single_read"):
+        done = _variant_results(variant, tmp_path / f"{variant}.pt")
+        assert done.returncode == 0, done.stderr
+        runs[variant] = torch.load(tmp_path / f"{variant}.pt")
+    for variant, got in runs.items():
+        for g, want in zip(got, runs["auto"]):
+            torch.testing.assert_close(g, want, msg=lambda m, v=variant: f"{v}: {m}")
+    done = _variant_results("stream7", tmp_path / "bad.pt")
+    assert done.returncode != 0
+    assert "FUSED_CE_CUDA_VARIANT must be one of stream32, stream256, stream512, stream1024, single_read" in done.stderr
 
 
 # -- the same refusals as PyTorch, with exceptions its callers already catch ---------------------

@@ -1,12 +1,14 @@
 """The CUDA kernels, run on the CPU.
 
-tests/cuda_emulator compiles csrc/cuda/kernels.cuh as host C++ with a small shim
-in which every CUDA thread is a std::thread (shuffles and __syncthreads through
-barriers). That checks the kernels' indexing -- row splits around 16-byte
-alignment, vector heads and tails, every threads-per-row mapping, the merges
-across threads, NaN rows for bad targets -- on machines without a GPU, against
-the CPU kernels (which the other tests hold to float64 references). Real-GPU
-behaviour (memory model, speed) is covered by the CUDA tests on a GPU machine.
+tests/cuda_emulator compiles the kernels of csrc/cuda as host C++ with a small shim in
+which every CUDA thread is a std::thread (shuffles and __syncthreads through barriers),
+and launches them through csrc/cuda/run.cuh as a GPU would. That checks every variant
+(csrc/cuda/variants.h) and every option combination (csrc/cuda/options.h) -- row splits
+around 16-byte alignment, vector heads and tails, every threads-per-row mapping, the
+merges across threads, the target's entry written after the row, NaN rows for bad
+targets -- on machines without a GPU, against the CPU kernels (which the other tests
+hold to float64 references). Real-GPU behaviour (memory model, speed) is covered by the
+CUDA tests on a GPU machine.
 """
 
 import os
@@ -18,8 +20,19 @@ import torch
 import fused_ce  # noqa: F401 -- registers the CPU ops used as the reference here
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-THREADS = (32, 256, 512)  # every mapping of csrc/cuda/kernels.cuh's threads_per_row
+# The streaming variants the dispatch table chooses by V (32: a warp per row).
+STREAMING = ("stream32", "stream256", "stream512")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# Every option combination of csrc/cuda/options.h, (target kind, weights, smoothing,
+# soft-cap); class-index targets with weights and no smoothing run the one-hot kernels
+# (their weight is read once per row), probability targets take smoothing at run time.
+OPTIONS = [
+    (kind, weighted, smoothing, softcap)
+    for kind in ("index", "probs")
+    for smoothing in (0.0, 0.1)
+    for softcap in (0.0, 4.0)
+    for weighted in (False, True)
+]
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +59,10 @@ def _tolerance(dtype):
     return {"rtol": 1e-2, "atol": 1e-3}
 
 
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _logits(n, v, dtype, layout):
     if layout == "contiguous":
         return torch.randn(n, v, dtype=torch.float64).mul_(3).to(dtype)
@@ -60,31 +77,37 @@ def _targets(kind, n, v, dtype):
         q = torch.rand(n, v + 2, dtype=torch.float64)[:, 1 : v + 1]
         return (q / q.sum(1, keepdim=True)).to(dtype)
     y = torch.randint(0, v, (n,))
-    y[1] = -100  # an ignored row
+    y[1 % n] = -100  # an ignored row
     return y
 
 
-def _compare(emulator, logits, target, weight, smoothing, softcap, threads):
+def _compare(emulator, logits, target, weight, smoothing, softcap, variant, keep_rows=True):
+    """Forward, backward (with zero, negative and positive coefficients), the fused kernel out
+    of place and in place, and (keep_rows) backward_into_'s kept rows, against the CPU kernels;
+    the fused gradient against the recomputed one, bit for bit."""
     ignore = -100
     dtype = logits.dtype
-    got = emulator.forward(logits, target, weight, ignore, smoothing, softcap, 0, -1, threads)
+    tol = _tolerance(dtype)
+    got = emulator.forward(logits, target, weight, ignore, smoothing, softcap, 0, -1, variant)
     want = torch.ops.fused_ce.cross_entropy_forward(logits, target, weight, ignore, smoothing, softcap)
     for name, g, w in zip(("loss", "lse", "mass"), got, want):
-        torch.testing.assert_close(g, w, **_tolerance(dtype), equal_nan=True, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(g, w, **tol, equal_nan=True, msg=lambda m, name=name: f"{name}: {m}")
 
     n = logits.shape[0]
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = _acc(dtype)
     p_coef = torch.randn(n, dtype=acc)
     t_coef = torch.randn(n, dtype=acc)
     p_coef[0] = t_coef[0] = 0.0  # a row no gradient flows into
+    if n > 2:
+        p_coef[2] = 0.0  # only the target term
     lse = want[1]
     got_grad = emulator.backward(
-        logits, target, weight, lse, p_coef, t_coef, ignore, smoothing, softcap, 0, -1, threads, None, None
+        logits, target, weight, lse, p_coef, t_coef, ignore, smoothing, softcap, 0, -1, variant, None, None
     )
     want_grad = torch.ops.fused_ce.cross_entropy_backward(
         logits, target, weight, lse, p_coef, t_coef, ignore, smoothing, softcap
     )
-    torch.testing.assert_close(got_grad, want_grad, **_tolerance(dtype), equal_nan=True)
+    torch.testing.assert_close(got_grad, want_grad, **tol, equal_nan=True)
 
     # The fused kernel (gradient in the forward pass), out of place and over the logits.
     row_scale = torch.rand(n, dtype=acc)
@@ -94,20 +117,46 @@ def _compare(emulator, logits, target, weight, smoothing, softcap, threads):
     )
     for inplace in (False, True):
         x = logits.clone() if inplace else logits
-        got = emulator.fused(x, target, weight, row_scale, z_scale, ignore, smoothing, softcap, 0, -1, threads, inplace)
+        got = emulator.fused(x, target, weight, row_scale, z_scale, ignore, smoothing, softcap, 0, -1, variant, inplace)
         for g, w in zip(got, want):
-            torch.testing.assert_close(g, w, **_tolerance(dtype), equal_nan=True)
+            torch.testing.assert_close(g, w, **tol, equal_nan=True)
         if inplace:
             assert got[3].data_ptr() == x.data_ptr()
+    # The backward of the fused op recomputes rows with the coefficients ops.py forms (here
+    # with an upstream of 1): the same gradient bits as the fused kernel wrote.
+    _, f_lse, f_mass, f_grad = got
+    recomputed = emulator.backward(
+        logits, target, weight, f_lse, row_scale * f_mass + 2 * z_scale * f_lse, row_scale, ignore, smoothing,
+        softcap, 0, -1, variant, None, None,
+    )
+    assert torch.equal(recomputed.view(torch.uint8), f_grad.view(torch.uint8)), "fused and recomputed gradients differ"
 
+    if not keep_rows:
+        return
     # Rows whose upstream is 1 keep what the buffer holds; the others are recomputed.
     keep = torch.where(torch.arange(n) % 2 == 0, 1.0, 0.5).to(acc)
     held = torch.full_like(logits, 7.0)
     got_grad = emulator.backward(
-        logits, target, weight, lse, p_coef, t_coef, ignore, smoothing, softcap, 0, -1, threads, keep, held
+        logits, target, weight, lse, p_coef, t_coef, ignore, smoothing, softcap, 0, -1, variant, keep, held
     )
     torch.testing.assert_close(got_grad[0::2], held[0::2])
-    torch.testing.assert_close(got_grad[1::2], want_grad[1::2], **_tolerance(dtype), equal_nan=True)
+    torch.testing.assert_close(got_grad[1::2], want_grad[1::2], **tol, equal_nan=True)
+
+
+def _check_options(emulator, logits, variant, options=OPTIONS):
+    n, v = logits.shape
+    acc = _acc(logits.dtype)
+    weight = (torch.rand(v, dtype=torch.float64) + 0.5).to(acc)
+    for i, (kind, weighted, smoothing, softcap) in enumerate(options):
+        target = _targets(kind, n, v, logits.dtype)
+        _compare(emulator, logits, target, weight if weighted else None, smoothing, softcap, variant, keep_rows=i == 0)
+
+
+def _some_options(i, every=3):
+    """Every `every`-th option combination, starting at i: over `every` consecutive cases
+    (shapes, layouts) each combination runs once (the emulator runs a thread per CUDA thread:
+    every combination on every case would take most of an hour on two cores)."""
+    return OPTIONS[i % every :: every]
 
 
 # Each vocabulary size with a layout: whole vectors, a scalar head, a scalar tail, both;
@@ -117,92 +166,78 @@ SHAPES = [(1, "contiguous"), (7, "unaligned"), (33, "padded_rows"), (300, "unali
           (1025, "padded_rows"), (9001, "unaligned")]
 
 
-@pytest.mark.parametrize("threads", THREADS)
-@pytest.mark.parametrize("v, layout", SHAPES, ids=str)
-def test_float32_every_mapping_and_layout(emulator, threads, v, layout):
-    torch.manual_seed(v * 7 + threads)
-    n = 6
-    logits = _logits(n, v, torch.float32, layout)
-    weight = torch.rand(v) + 0.5
-    for kind, w, smoothing, softcap in [
-        ("index", None, 0.0, 0.0),
-        ("index", weight, 0.2, 0.0),
-        ("index", None, 0.1, 4.0),
-        ("probs", weight, 0.1, 0.0),
-        ("probs", None, 0.0, 4.0),
-    ]:
-        _compare(emulator, logits, _targets(kind, n, v, torch.float32), w, smoothing, softcap, threads)
+@pytest.mark.parametrize("variant", STREAMING)
+@pytest.mark.parametrize("case", range(len(SHAPES)))
+def test_float32_every_option_mapping_and_layout(emulator, variant, case):
+    v, layout = SHAPES[case]
+    torch.manual_seed(v * 7 + len(variant))
+    _check_options(emulator, _logits(6, v, torch.float32, layout), variant, _some_options(case + len(variant)))
 
 
 @pytest.mark.parametrize("v, layout", [(7, "unaligned"), (9001, "unaligned"), (33000, "padded_rows")], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_thousand_threads_per_row(emulator, dtype, v, layout):
-    # The 1024-thread mapping (FUSED_CE_CUDA_THREADS_PER_ROW=1024, for measuring):
-    # merges across 32 warps; V = 33000 has a batched round of 4 x 1024 vectors
-    # (32768 bf16 elements) and two rounds of the write loop's 2 x 1024.
+    # The 1024-thread variant (for measuring): merges across 32 warps; V = 33000 has a
+    # batched round of 4 x 1024 vectors (32768 bf16 elements) and two rounds of the write
+    # loop's 2 x 1024.
     torch.manual_seed(v)
-    n = 3
-    acc = torch.float32
-    logits = _logits(n, v, dtype, layout)
-    weight = (torch.rand(v) + 0.5).to(acc)
-    _compare(emulator, logits, _targets("index", n, v, dtype), weight, 0.1, 0.0, 1024)
-    _compare(emulator, logits, _targets("probs", n, v, dtype), None, 0.0, 3.0, 1024)
+    options = [("index", False, 0.0, 0.0), ("index", True, 0.1, 0.0), ("probs", False, 0.0, 3.0)]
+    _check_options(emulator, _logits(3, v, dtype, layout), "stream1024", options)
 
 
-@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("variant", STREAMING)
 @pytest.mark.parametrize("dtype", DTYPES[1:])
 @pytest.mark.parametrize("v", [7, 1025, 17000])  # 17000: a round of batched 8-element packs at 512 threads
-def test_other_dtypes(emulator, threads, dtype, v):
-    torch.manual_seed(v + threads)
-    n = 5
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    weight = (torch.rand(v) + 0.5).to(acc)
-    for layout in ("contiguous", "unaligned"):
-        logits = _logits(n, v, dtype, layout)
-        _compare(emulator, logits, _targets("index", n, v, dtype), weight, 0.1, 0.0, threads)
-        _compare(emulator, logits, _targets("probs", n, v, dtype), None, 0.0, 3.0, threads)
+def test_other_dtypes(emulator, variant, dtype, v):
+    torch.manual_seed(v + len(variant))
+    for i, layout in enumerate(("contiguous", "unaligned")):
+        _check_options(emulator, _logits(5, v, dtype, layout), variant, _some_options(v + i + len(variant), every=4))
 
 
-@pytest.mark.parametrize("threads", THREADS)
-def test_out_of_range_target_gives_a_nan_row_only(emulator, threads):
+@pytest.mark.parametrize("variant", STREAMING)
+def test_out_of_range_target_gives_a_nan_row_only(emulator, variant):
     logits = torch.randn(4, 40)
     target = torch.tensor([3, 40, -1, 7])  # rows 1 and 2 are out of range (and not ignore_index)
-    loss, lse, mass = emulator.forward(logits, target, None, -100, 0.0, 0.0, 0, -1, threads)
-    assert loss[1:3].isnan().all() and lse[1:3].isnan().all() and mass[1:3].isnan().all()
-    good = torch.tensor([0, 3])
-    want = torch.ops.fused_ce.cross_entropy_forward(logits[good], target[good], None, -100, 0.0, 0.0)
-    torch.testing.assert_close(loss[good], want[0])
-    grad = emulator.backward(
-        logits, target, None, lse, torch.ones(4), torch.ones(4), -100, 0.0, 0.0, 0, -1, threads, None, None
-    )
-    assert grad[1:3].isnan().all()
-    assert grad[good].isfinite().all()
+    for smoothing in (0.0, 0.1):
+        loss, lse, mass = emulator.forward(logits, target, None, -100, smoothing, 0.0, 0, -1, variant)
+        assert loss[1:3].isnan().all() and lse[1:3].isnan().all() and mass[1:3].isnan().all()
+        good = torch.tensor([0, 3])
+        want = torch.ops.fused_ce.cross_entropy_forward(logits[good], target[good], None, -100, smoothing, 0.0)
+        torch.testing.assert_close(loss[good], want[0])
+        grad = emulator.backward(
+            logits, target, None, lse, torch.ones(4), torch.ones(4), -100, smoothing, 0.0, 0, -1, variant, None, None
+        )
+        assert grad[1:3].isnan().all()
+        assert grad[good].isfinite().all()
 
 
-@pytest.mark.parametrize("threads", THREADS)
-def test_non_finite_logits_match_the_cpu_kernels(emulator, threads):
+@pytest.mark.parametrize("variant", STREAMING)
+def test_non_finite_logits_match_the_cpu_kernels(emulator, variant):
     v = 50
-    logits = torch.randn(5, v)
+    logits = torch.randn(6, v)
     logits[0, 3] = float("-inf")  # masked class: fine, unless the target puts mass on it
     logits[1, :] = float("-inf")  # every class masked: NaN, as in PyTorch
     logits[2, 7] = float("nan")
     logits[3, 9] = float("inf")
-    target = torch.tensor([3, 0, 1, 2, 4])
+    logits[4, :] = float("nan")
+    logits[5, :40] = float("-inf")  # the row's first batches are all -inf
+    target = torch.tensor([3, 0, 1, 2, 4, 45])
     for smoothing in (0.0, 0.1):
-        _compare(emulator, logits, target, None, smoothing, 0.0, threads)
+        _compare(emulator, logits, target, None, smoothing, 0.0, variant)
+    probs = torch.softmax(torch.randn(6, v), 1)
+    _compare(emulator, logits, probs, None, 0.0, 0.0, variant)
 
 
-@pytest.mark.parametrize("threads", THREADS + (1024,))
+@pytest.mark.parametrize("variant", STREAMING + ("stream1024",))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_entropy_kernels(emulator, threads, dtype):
-    torch.manual_seed(threads)
+def test_entropy_kernels(emulator, variant, dtype):
+    torch.manual_seed(len(variant))
     for v, layout in [(7, "unaligned"), (1025, "contiguous"), (300, "padded_rows")]:
         logits = _logits(5, v, dtype, layout)
         logits[0, 2] = float("-inf")  # a zero probability
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
-        grad_entropy = torch.randn(5, dtype=acc)
+        grad_entropy = torch.randn(5, dtype=_acc(dtype))
         grad_entropy[1] = 0.0
-        entropy, lse, grad = emulator.entropy(logits, grad_entropy, threads)
+        entropy, lse, grad = emulator.entropy(logits, grad_entropy, variant)
         want_entropy, want_lse = torch.ops.fused_ce.entropy_forward(logits)
         want_grad = torch.ops.fused_ce.entropy_backward(logits, want_entropy, want_lse, grad_entropy)
         torch.testing.assert_close(entropy, want_entropy, **_tolerance(dtype))
@@ -210,21 +245,37 @@ def test_entropy_kernels(emulator, threads, dtype):
         torch.testing.assert_close(grad, want_grad, **_tolerance(dtype))
 
 
-@pytest.mark.parametrize("threads", THREADS)
-def test_vocabulary_slices(emulator, threads):
+@pytest.mark.parametrize("variant", STREAMING)
+def test_vocabulary_slices(emulator, variant):
     # Each slice of a vocabulary, with global targets (some in other slices) and
     # smoothing over the whole vocabulary, as the CPU kernels compute it.
-    torch.manual_seed(threads)
+    torch.manual_seed(len(variant))
     v = 61
     logits = torch.randn(6, v)
     target = torch.tensor([0, 60, -100, 25, 40, 3])
     for start, stop in [(0, 20), (20, 45), (45, 61)]:
         part = logits[:, start:stop]
         for smoothing in (0.0, 0.1):
-            got = emulator.forward(part, target, None, -100, smoothing, 0.0, start, v, threads)
+            got = emulator.forward(part, target, None, -100, smoothing, 0.0, start, v, variant)
             want = torch.ops.fused_ce.cross_entropy_forward(part, target, None, -100, smoothing, 0.0, start, v)
             for g, w in zip(got, want):
                 torch.testing.assert_close(g, w, **_tolerance(torch.float32))
+
+
+def test_bitwise_reproducible(emulator):
+    torch.manual_seed(0)
+    logits = _logits(4, 9001, torch.bfloat16, "unaligned")
+    target = _targets("index", 4, 9001, torch.bfloat16)
+    row_scale = torch.rand(4)
+    first = emulator.fused(logits, target, None, row_scale, None, -100, 0.0, 0.0, 0, -1, "stream512", False)
+    again = emulator.fused(logits, target, None, row_scale, None, -100, 0.0, 0.0, 0, -1, "stream512", False)
+    for a, b in zip(first, again):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def test_unknown_variant_is_refused(emulator):
+    with pytest.raises(RuntimeError, match="must be one of stream32, stream256, stream512, stream1024, single_read"):
+        emulator.forward(torch.randn(2, 5), torch.tensor([0, 1]), None, -100, 0.0, 0.0, 0, -1, "stream64")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -233,7 +284,7 @@ def test_scale_rows(emulator, dtype, v, layout):
     # Rows times their scale, rounded once; rows whose scale is exactly 1 untouched
     # (bitwise: 7 rows in a grid of 3 blocks, so the grid-stride loop comes round).
     torch.manual_seed(v)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = _acc(dtype)
     rows = _logits(7, v, dtype, layout)
     scale = torch.tensor([0.5, 1.0, -3.0, 1.0, 1e-3, 2.0, 1.0], dtype=acc)
     want = (rows.to(acc) * scale[:, None]).to(dtype)
@@ -241,3 +292,82 @@ def test_scale_rows(emulator, dtype, v, layout):
     emulator.scale_rows(rows, scale)
     torch.testing.assert_close(rows, want, rtol=0, atol=0)
     assert torch.equal(rows[scale == 1], before[scale == 1])
+
+
+# The single-read variant (csrc/cuda/single_read.cuh) with a small share of shared memory
+# per CTA, so that short rows already need clusters: 32 vectors of 16 bytes a CTA (256
+# bf16 or 128 float32 elements) beside its scratch. V at the boundaries of one CTA, of a
+# cluster of 2, and of the largest cluster (8); past it the streaming kernels run.
+SCRATCH_BYTES = 416  # kScratchBytes
+CTA_VECTORS = 32
+
+
+def _single_read_cases(elements_per_vector):
+    per_cta = CTA_VECTORS * elements_per_vector
+    return [
+        (1, "contiguous", 1), (7, "unaligned", 1), (per_cta, "contiguous", 1), (per_cta + 1, "unaligned", 1),
+        (per_cta + elements_per_vector, "contiguous", 2), (2 * per_cta + 3, "padded_rows", 3),
+        (5 * per_cta - 1, "unaligned", 5), (8 * per_cta + elements_per_vector - 1, "unaligned", 8),
+        (8 * per_cta + elements_per_vector, "contiguous", 0),  # 0: too long for 8 CTAs: streaming
+    ]
+
+
+@pytest.fixture
+def small_smem(emulator):
+    emulator.set_single_read_smem(SCRATCH_BYTES + 16 * CTA_VECTORS)
+    yield emulator
+    emulator.set_single_read_smem(113 * 1024)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", range(9))
+def test_single_read_at_cluster_boundaries(small_smem, dtype, case):
+    emulator = small_smem
+    w = 16 // torch.tensor([], dtype=dtype).element_size()
+    v, layout, cluster = _single_read_cases(w)[case]
+    for pass_ in ("forward", "fused"):
+        want = "single_read" if cluster else "stream256"
+        assert emulator.resolved_variant("single_read", v, pass_, 16 // w) == want
+    assert emulator.resolved_variant("single_read", v, "backward", 16 // w) in STREAMING  # reads once anyway
+    torch.manual_seed(v)
+    # (A cluster of 8 is 4096 threads on the CPU: fewer rows and combinations there.)
+    rows, every = (3, 4) if cluster < 5 else (2, 6)
+    _check_options(emulator, _logits(rows, v, dtype, layout), "single_read", _some_options(case, every=every))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=str)
+def test_single_read_other_dtypes(small_smem, dtype):
+    torch.manual_seed(3)
+    for i, (v, layout) in enumerate([(7, "unaligned"), (300, "padded_rows"), (1000, "unaligned")]):
+        _check_options(small_smem, _logits(3, v, dtype, layout), "single_read", _some_options(i, every=3))
+
+
+def test_single_read_non_finite_and_bad_targets(small_smem):
+    v = 600  # a cluster of 3 bf16 CTAs
+    logits = torch.randn(6, v).bfloat16()
+    logits[0, 3] = float("-inf")
+    logits[1, :] = float("-inf")
+    logits[2, 7] = float("nan")
+    logits[3, 500] = float("inf")
+    logits[4, :550] = float("-inf")
+    target = torch.tensor([3, 0, 1, 2, 580, 599])
+    for smoothing in (0.0, 0.1):
+        _compare(small_smem, logits, target, None, smoothing, 0.0, "single_read", keep_rows=smoothing == 0)
+    target[5] = v + 5  # out of range: a NaN row, the others as they were
+    loss, lse, mass = small_smem.forward(logits, target, None, -100, 0.0, 0.0, 0, -1, "single_read")
+    assert loss[5].isnan() and lse[5].isnan() and mass[5].isnan() and loss[:5].isfinite().any()
+    got = small_smem.fused(logits, target, None, torch.ones(6), None, -100, 0.0, 0.0, 0, -1, "single_read", False)
+    assert got[3][5].isnan().all() and got[3][0].isfinite().all()
+
+
+def test_single_read_vocabulary_slices(small_smem):
+    torch.manual_seed(1)
+    v = 700
+    logits = torch.randn(4, v)
+    target = torch.tensor([0, 699, -100, 350])
+    for start, stop in [(0, 300), (300, 700)]:
+        part = logits[:, start:stop]
+        got = small_smem.forward(part, target, None, -100, 0.1, 0.0, start, v, "single_read")
+        want = torch.ops.fused_ce.cross_entropy_forward(part, target, None, -100, 0.1, 0.0, start, v)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, **_tolerance(torch.float32))

@@ -1,6 +1,7 @@
-// The CUDA kernels of csrc/cuda/kernels.cuh, run on the CPU through cuda_shim.h,
-// with the threads-per-row mapping chosen by the caller so that every mapping is
-// exercised on small shapes. Built by tests/test_cuda_emulated.py.
+// The CUDA kernels of csrc/cuda, run on the CPU through cuda_shim.h, with the
+// variant (csrc/cuda/variants.h) chosen by the caller so that every variant is
+// exercised on small shapes -- launched by run.cuh, as on a GPU. Built by
+// tests/test_cuda_emulated.py.
 // clang-format off
 #include "cuda_shim.h"  // first: it defines the CUDA keywords kernels.cuh uses
 // clang-format on
@@ -8,19 +9,47 @@
 #include <ATen/Dispatch.h>
 #include <torch/extension.h>
 
-#include "cuda/kernels.cuh"
 #include "cuda/problem.h"
+#include "cuda/run.cuh"
 
 namespace fused_ce::cuda {
 
-template <typename T>
-constexpr int64_t rows_per_block() {
-  return block_size<T::value>() / T::value;
+// run.cuh's launcher for the emulator: the same kernels and launch shapes as on a GPU.
+struct EmulatorLauncher {
+  template <typename... Params, typename... Args>
+  void operator()(void (*kernel)(Params...), const LaunchShape& shape, const Args&... args) const {
+    emu::launch(shape.grid, static_cast<unsigned>(shape.block), shape.smem, shape.cluster, kernel, args...);
+  }
+};
+
+// An sm_90 whose CTAs get single_read_smem bytes each for the single-read variant (tests
+// make it small, so that short rows need clusters).
+size_t single_read_smem = 113 * 1024;
+
+void set_single_read_smem(int64_t bytes) { single_read_smem = static_cast<size_t>(bytes); }
+
+DeviceLimits emulated_device() { return {90, single_read_smem, kMaxCluster}; }
+
+// The variant a launch of `pass` over rows of num_classes runs when `name` is forced, as
+// launch.cuh resolves it on an sm_90.
+template <typename scalar_t>
+Variant variant_named(const std::string& name, int64_t num_classes, Pass pass) {
+  const VariantOverride v = parse_variant_override(name.c_str());
+  TORCH_CHECK(v.set, v.error);
+  return resolve_variant<scalar_t>(&v.variant, emulated_device(), num_classes, pass);
+}
+
+// The variant's name as resolved: what a GPU would run.
+std::string resolved_variant(const std::string& name, int64_t num_classes, const std::string& pass, int64_t element_size) {
+  const Pass p = pass == "forward" ? kPassForward : pass == "fused" ? kPassFused : kPassBackward;
+  const Variant v = element_size == 2 ? variant_named<c10::BFloat16>(name, num_classes, p)
+                                      : variant_named<float>(name, num_classes, p);
+  return kVariantNames[static_cast<int>(v)];
 }
 
 std::vector<at::Tensor> forward(const at::Tensor& logits, const at::Tensor& target,
                                 const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing,
-                                double softcap, int64_t vocab_start, int64_t vocab_total, int64_t threads) {
+                                double softcap, int64_t vocab_start, int64_t vocab_total, const std::string& variant) {
   check_forward_args(logits, target, weight, label_smoothing, softcap);
   const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
   const at::Tensor rows = target.is_floating_point() ? target : target.contiguous();
@@ -31,12 +60,8 @@ std::vector<at::Tensor> forward(const at::Tensor& logits, const at::Tensor& targ
     const auto p =
         make_problem<scalar_t>(logits, rows, w, ignore_index, label_smoothing, softcap, vocab_start, vocab_total);
     const ForwardOutputs<acc_t> out{loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), mass.data_ptr<acc_t>()};
-    dispatch_row_kernel(p, static_cast<int>(threads), [&](auto th, auto mode) {
-      using T = decltype(th);
-      const int64_t blocks = (p.num_rows + rows_per_block<T>() - 1) / rows_per_block<T>();
-      emu::launch(blocks, block_size<T::value>(), forward_kernel<scalar_t, T::value, decltype(mode)::value, false>, p,
-                  out, GradInForward<scalar_t>{});
-    });
+    run_forward(p, out, GradInForward<scalar_t>{}, variant_named<scalar_t>(variant, p.num_classes, kPassForward),
+                emulated_device(), EmulatorLauncher{});
   });
   return {loss, lse, mass};
 }
@@ -44,8 +69,9 @@ std::vector<at::Tensor> forward(const at::Tensor& logits, const at::Tensor& targ
 // keep: rows whose keep_where_one is 1 keep grad_in's values (the fused op's backward).
 at::Tensor backward(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                     const at::Tensor& lse, const at::Tensor& p_coef, const at::Tensor& t_coef, int64_t ignore_index,
-                    double label_smoothing, double softcap, int64_t vocab_start, int64_t vocab_total, int64_t threads,
-                    const std::optional<at::Tensor>& keep_where_one, const std::optional<at::Tensor>& grad_in) {
+                    double label_smoothing, double softcap, int64_t vocab_start, int64_t vocab_total,
+                    const std::string& variant, const std::optional<at::Tensor>& keep_where_one,
+                    const std::optional<at::Tensor>& grad_in) {
   check_forward_args(logits, target, weight, label_smoothing, softcap);
   const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
   const at::Tensor rows = target.is_floating_point() ? target : target.contiguous();
@@ -60,13 +86,8 @@ at::Tensor backward(const at::Tensor& logits, const at::Tensor& target, const st
       in.keep_where_one = keep_where_one->const_data_ptr<acc_t>();
       in.keep_stride = keep_where_one->stride(0);
     }
-    scalar_t* g = grad.data_ptr<scalar_t>();
-    dispatch_row_kernel(p, static_cast<int>(threads), [&](auto th, auto mode) {
-      using T = decltype(th);
-      const int64_t blocks = (p.num_rows + rows_per_block<T>() - 1) / rows_per_block<T>();
-      emu::launch(blocks, block_size<T::value>(), backward_kernel<scalar_t, T::value, decltype(mode)::value>, p, in, g,
-                  grad.stride(0));
-    });
+    run_backward(p, in, grad.data_ptr<scalar_t>(), grad.stride(0),
+                 variant_named<scalar_t>(variant, p.num_classes, kPassBackward), EmulatorLauncher{});
   });
   return grad;
 }
@@ -75,7 +96,8 @@ at::Tensor backward(const at::Tensor& logits, const at::Tensor& target, const st
 std::vector<at::Tensor> fused(const at::Tensor& logits, const at::Tensor& target,
                               const std::optional<at::Tensor>& weight, const at::Tensor& row_scale,
                               const std::optional<at::Tensor>& z_scale, int64_t ignore_index, double label_smoothing,
-                              double softcap, int64_t vocab_start, int64_t vocab_total, int64_t threads, bool inplace) {
+                              double softcap, int64_t vocab_start, int64_t vocab_total, const std::string& variant,
+                              bool inplace) {
   check_forward_args(logits, target, weight, label_smoothing, softcap);
   check_fused_args(logits, row_scale, z_scale);
   const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
@@ -94,17 +116,13 @@ std::vector<at::Tensor> fused(const at::Tensor& logits, const at::Tensor& target
     with_grad.z_scale = z_scale.has_value() ? z_scale->const_data_ptr<acc_t>() : nullptr;
     with_grad.grad = grad.data_ptr<scalar_t>();
     with_grad.grad_stride = grad.stride(0);
-    dispatch_row_kernel(p, static_cast<int>(threads), [&](auto th, auto mode) {
-      using T = decltype(th);
-      const int64_t blocks = (p.num_rows + rows_per_block<T>() - 1) / rows_per_block<T>();
-      emu::launch(blocks, block_size<T::value>(), forward_kernel<scalar_t, T::value, decltype(mode)::value, true>, p,
-                  out, with_grad);
-    });
+    run_forward(p, out, with_grad, variant_named<scalar_t>(variant, p.num_classes, kPassFused), emulated_device(),
+                EmulatorLauncher{});
   });
   return {objective, lse, mass, grad};
 }
 
-std::vector<at::Tensor> entropy(const at::Tensor& logits, const at::Tensor& grad_entropy, int64_t threads) {
+std::vector<at::Tensor> entropy(const at::Tensor& logits, const at::Tensor& grad_entropy, const std::string& variant) {
   check_entropy_args(logits);
   const auto opts = logits.options().dtype(accumulate_type(logits.scalar_type()));
   at::Tensor entropy = at::empty({logits.size(0)}, opts), lse = at::empty_like(entropy);
@@ -116,12 +134,9 @@ std::vector<at::Tensor> entropy(const at::Tensor& logits, const at::Tensor& grad
     a.grad_entropy = grad_entropy.const_data_ptr<acc_t>();
     a.grad_entropy_stride = grad_entropy.stride(0);
     a.grad = grad.data_ptr<scalar_t>();
-    dispatch_threads(threads, [&](auto th) {
-      using T = decltype(th);
-      const int64_t blocks = (a.num_rows + rows_per_block<T>() - 1) / rows_per_block<T>();
-      emu::launch(blocks, block_size<T::value>(), entropy_forward_kernel<scalar_t, T::value>, a);
-      emu::launch(blocks, block_size<T::value>(), entropy_backward_kernel<scalar_t, T::value>, a);
-    });
+    const Variant v = variant_named<scalar_t>(variant, a.num_classes, kPassEntropy);
+    run_entropy(a, false, v, EmulatorLauncher{});
+    run_entropy(a, true, v, EmulatorLauncher{});
   });
   return {entropy, lse, grad};
 }
@@ -130,8 +145,9 @@ void scale_rows(at::Tensor rows, const at::Tensor& scale) {
   check_scale_rows_args(rows, scale);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rows.scalar_type(), "emulated_scale_rows", [&] {
     using acc_t = acc_type<scalar_t>;
-    emu::launch(std::min<int64_t>(rows.size(0), 3), kScaleThreads, scale_rows_kernel<scalar_t>, rows.data_ptr<scalar_t>(),
-                rows.size(0), rows.size(1), rows.stride(0), scale.const_data_ptr<acc_t>(), scale.stride(0));
+    // A grid of 3 blocks, so that the grid-stride loop comes round.
+    run_scale_rows(rows.data_ptr<scalar_t>(), rows.size(0), rows.size(1), rows.stride(0),
+                   scale.const_data_ptr<acc_t>(), scale.stride(0), 3, EmulatorLauncher{});
   });
 }
 
@@ -143,4 +159,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused", &fused_ce::cuda::fused);
   m.def("scale_rows", &fused_ce::cuda::scale_rows);
   m.def("entropy", &fused_ce::cuda::entropy);
+  m.def("set_single_read_smem", &fused_ce::cuda::set_single_read_smem);
+  m.def("resolved_variant", &fused_ce::cuda::resolved_variant);
 }
