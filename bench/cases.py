@@ -42,6 +42,12 @@ DISTILL_DEFAULTS = {
     "cuda": {"shapes": [(8192, 128256)], "dtypes": [torch.bfloat16]},
 }
 
+# --linear-distill: the shapes (N, D, V) by default (student and teacher of one D).
+LINEAR_DISTILL_DEFAULTS = {
+    "cpu": {"shapes": [(2048, 256, 32000)], "dtypes": [torch.float32]},
+    "cuda": {"shapes": [(8192, 2304, 128256)], "dtypes": [torch.bfloat16]},
+}
+
 # --plot: N and the vocabulary sizes of the sweep, and the dtype.
 PLOT_SWEEP = {
     "cpu": {"n": 2048, "vocab": [4096, 8192, 16384, 32000, 65536, 131072], "dtypes": [torch.float32]},
@@ -55,6 +61,7 @@ class Case:
     """One block of the table: an op on one shape and dtype, timed for each pass."""
 
     op: str  # "cross_entropy", "linear_cross_entropy" (--linear), "training_step" (--step), "distillation"
+    #          (--distill), "linear_distillation" (--linear-distill)
     n: int
     v: int
     dtype: torch.dtype
@@ -64,7 +71,13 @@ class Case:
 
     @property
     def linear(self) -> bool:
-        return self.op == "linear_cross_entropy"
+        """Logits made by matmuls inside the loss (``--linear``, ``--linear-distill``): timed in TFLOP/s."""
+        return self.op in ("linear_cross_entropy", "linear_distillation")
+
+    @property
+    def linear_distill(self) -> bool:
+        """Two heads' logits, student against teacher (``--linear-distill``)."""
+        return self.op == "linear_distillation"
 
     @property
     def step(self) -> bool:
@@ -98,10 +111,10 @@ class Case:
         return passes_over_logits * self.n * self.v * self.dtype.itemsize
 
     def counted_flops(self, pass_: str) -> int | None:
-        """With D: the matmuls' FLOPs, 2*N*D*V each (one in fwd, three in fwd+bwd)."""
+        """With D: the matmuls' FLOPs, 2*N*D*V each (one in fwd, three in fwd+bwd; with a teacher one more)."""
         if not self.has_d:
             return None
-        return (1 if pass_ == "fwd" else 3) * 2 * self.n * self.d * self.v
+        return ((1 if pass_ == "fwd" else 3) + self.linear_distill) * 2 * self.n * self.d * self.v
 
     @property
     def logits_mb(self) -> float:
@@ -111,13 +124,18 @@ class Case:
         """Random logits [N, V] (a leaf) and class-index targets in [0, V).
 
         With D: x [N, D] and W [V, D] (leaves, W scaled by D**-0.5 so the logits have
-        unit variance) and the targets.
+        unit variance) and the targets; ``--linear-distill``: the student's x and W,
+        the teacher's (its W twice the scale: sharper logits), the targets.
         """
         generator = torch.Generator(self.device).manual_seed(0)
         if self.has_d:
             x = torch.randn(self.n, self.d, dtype=self.dtype, device=self.device, generator=generator)
             w = torch.randn(self.v, self.d, device=self.device, generator=generator).mul_(self.d**-0.5).to(self.dtype)
             target = torch.randint(0, self.v, (self.n,), device=self.device, generator=generator)
+            if self.linear_distill:
+                tx = torch.randn(self.n, self.d, dtype=self.dtype, device=self.device, generator=generator)
+                tw = torch.randn(self.v, self.d, device=self.device, generator=generator).mul_(2 * self.d**-0.5)
+                return x, w, tx, tw.to(self.dtype), target
             return x, w, target
         logits = torch.randn(self.n, self.v, dtype=self.dtype, device=self.device, generator=generator)
         target = torch.randint(0, self.v, (self.n,), device=self.device, generator=generator)
@@ -212,6 +230,8 @@ def make_cases(args) -> list[Case]:
         ]
     if args.distill:
         return [Case("distillation", n, v, t, args.device) for n, v in args.shapes for t in args.dtypes]
+    if args.linear_distill:
+        return [Case("linear_distillation", n, v, t, args.device, d=d) for n, d, v in args.shapes for t in args.dtypes]
     if args.linear or args.step:
         op = "linear_cross_entropy" if args.linear else "training_step"
         return [Case(op, n, v, t, args.device, d=d, extras=extras) for n, d, v in args.shapes for t in args.dtypes]

@@ -56,6 +56,8 @@ IMPLS: dict[str, ImplBuilder] = {}
 LINEAR_IMPLS: dict[str, ImplBuilder] = {}  # --linear: builders of (x, W, target) -> loss
 STEP_IMPLS: dict[str, ImplBuilder] = {}  # --step: builders of (h, W, target) -> loss of h @ W.T
 DISTILL_IMPLS: dict[str, ImplBuilder] = {}  # --distill: builders of (student, teacher, labels) -> loss
+# --linear-distill: builders of (student x, student W, teacher x, teacher W, labels) -> loss
+LINEAR_DISTILL_IMPLS: dict[str, ImplBuilder] = {}
 
 FRESH_COPY_NOTE = (
     "overwrites its input with the gradient: each call got a fresh copy of the inputs, "
@@ -79,9 +81,9 @@ def register_linear_impl(name: str) -> Callable[[ImplBuilder], ImplBuilder]:
 
 
 def registry(op: str) -> dict[str, ImplBuilder]:
-    return {"linear_cross_entropy": LINEAR_IMPLS, "training_step": STEP_IMPLS, "distillation": DISTILL_IMPLS}.get(
-        op, IMPLS
-    )
+    registries = {"linear_cross_entropy": LINEAR_IMPLS, "training_step": STEP_IMPLS, "distillation": DISTILL_IMPLS,
+                  "linear_distillation": LINEAR_DISTILL_IMPLS}
+    return registries.get(op, IMPLS)
 
 
 def extras(case: Case) -> dict[str, float]:
@@ -301,3 +303,35 @@ def _distill_torch(case: Case) -> LossFn:
 def _distill_torch_compile(case: Case) -> LossFn:
     return _compiled(_distill_torch_fn)
 
+
+# --------------------------------------------------------------------------- --linear-distill
+# The same loss through two LM heads: logits = x @ W.T for the student and the teacher.
+
+
+@register_impl("fused_ce", LINEAR_DISTILL_IMPLS)
+def _linear_distill_fused_ce(case: Case) -> LossFn:
+    return lambda xs, ws, xt, wt, _labels: fused_ce.linear_distillation_loss(
+        xs, ws, xt.detach(), wt.detach(), reduction="batchmean"
+    )
+
+
+@register_impl("fused_ce.logits", LINEAR_DISTILL_IMPLS)
+def _linear_distill_fused_ce_logits(case: Case) -> LossFn:
+    """Both heads' logits materialised, then fused_ce.distillation_loss."""
+    return lambda xs, ws, xt, wt, _labels: fused_ce.distillation_loss(
+        F.linear(xs, ws), F.linear(xt.detach(), wt.detach()), reduction="batchmean"
+    )
+
+
+def _linear_distill_torch_fn(xs: Tensor, ws: Tensor, xt: Tensor, wt: Tensor, labels: Tensor) -> Tensor:
+    return _distill_torch_fn(F.linear(xs, ws), F.linear(xt.detach(), wt.detach()), labels)
+
+
+@register_impl("torch", LINEAR_DISTILL_IMPLS)
+def _linear_distill_torch(case: Case) -> LossFn:
+    return _linear_distill_torch_fn
+
+
+@register_impl("torch.compile", LINEAR_DISTILL_IMPLS)
+def _linear_distill_torch_compile(case: Case) -> LossFn:
+    return _compiled(_linear_distill_torch_fn)

@@ -23,6 +23,7 @@ def collect_meta(args, results: list[Result], copy_gbps: float | None) -> dict:
         "linear": args.linear,
         "step": args.step,
         "distill": args.distill,
+        "linear_distill": args.linear_distill,
         # Every row that ran received the extras; an implementation that cannot take
         # them is in "skipped", with the reason.
         "extras": dict(EXTRAS) if received_extras else None,
@@ -44,6 +45,11 @@ def format_header(meta: dict) -> str:
             "forward KL(teacher || student) per row, batchmean; GB/s counts fwd: 2*N*V*elt (read both rows), "
             "fwd+bwd: 3*N*V*elt (and write the student's gradient)"
         )
+    if meta.get("linear_distill"):
+        counted = (
+            "forward KL(teacher || student) of two heads' logits, batchmean; TFLOP/s counts the matmuls, "
+            "fwd: 4*N*D*V (both heads), fwd+bwd: 8*N*D*V; work MB = peak MB less the gradients left in .grad"
+        )
     extras = f"\nextras, given to every implementation that ran: {meta['extras']}" if meta.get("extras") else ""
     return f"{harness.describe(meta)}\nmedian of {meta['reps']} reps after {meta['warmup']} warm-up; {counted}{extras}"
 
@@ -54,7 +60,9 @@ def format_table(results: list[Result], copy_gbps: float | None) -> str:
     step = any(r.case.step for r in results)
     if linear:
         headers = ["pass", "impl", "N", "D", "V", "dtype", "ms", "TFLOP/s", "peak MB", "work MB"]
-        baselines = {"vs torch": "torch", "vs chunked": "torch.chunked"}
+        baselines = {"vs torch": "torch"}
+        if not any(r.case.linear_distill for r in results):
+            baselines["vs chunked"] = "torch.chunked"
     elif step:
         headers = ["pass", "impl", "N", "D", "V", "dtype", "ms", "peak MB", "beyond logits MB"]
         baselines = {"vs torch": "torch"}

@@ -8,6 +8,8 @@ Run it from the repository root, with fused_ce built (``bash scripts/bench.sh`` 
         --impls fused_ce,torch --passes fwd+bwd --reps 50 --json out/ce.json
     python bench/run.py --linear               # fused linear + cross-entropy
     python bench/run.py --step                 # a training step, logits = h @ W.T
+    python bench/run.py --distill              # distillation: student logits against a teacher's
+    python bench/run.py --linear-distill       # the same through two LM heads (no logits)
     python bench/run.py --plot DIR             # sweep V, write PNGs to DIR
 
 What runs, what is counted and the JSON format: ``bench/README.md``. The cases and
@@ -30,6 +32,7 @@ from cases import (
     DEFAULTS,
     DISTILL_DEFAULTS,
     LINEAR_DEFAULTS,
+    LINEAR_DISTILL_DEFAULTS,
     LINEAR_QUICK,
     QUICK,
     STEP_DEFAULTS,
@@ -180,6 +183,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     mode.add_argument(
         "--distill", action="store_true", help="fused_ce.distillation_loss against F.kl_div of log_softmaxes (NxV)"
     )
+    mode.add_argument(
+        "--linear-distill",
+        action="store_true",
+        help="fused_ce.linear_distillation_loss: student and teacher heads (shapes NxDxV)",
+    )
     mode.add_argument("--plot", metavar="DIR", help="sweep V and write time and memory plots (PNG) to DIR")
     parser.add_argument(
         "--extras", action="store_true", help=f"give every implementation {EXTRAS} (or skip it, saying why)"
@@ -202,12 +210,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
     device = harness.resolve_device(parser, args.device)
     op = ("linear_cross_entropy" if args.linear else "training_step" if args.step
-          else "distillation" if args.distill else "cross_entropy")
+          else "distillation" if args.distill else "linear_distillation" if args.linear_distill else "cross_entropy")
     try:
         if args.shapes is not None:
             if args.plot:
                 parser.error("--plot sweeps its own shapes")
-            with_d = args.linear or args.step
+            with_d = args.linear or args.step or args.linear_distill
             args.shapes = harness.parse_shapes(args.shapes, *(("NxDxV", "4096x256x32000") if with_d else ()))
         names = registry(op)
         args.impls = list(names) if args.impls is None else harness.parse_choices(args.impls, names, "impl(s)")
@@ -223,8 +231,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         defaults.update(STEP_DEFAULTS[device.type])
     if args.distill:
         defaults.update(DISTILL_DEFAULTS[device.type])
+    if args.linear_distill:
+        defaults.update(LINEAR_DISTILL_DEFAULTS[device.type])
     if args.quick:
-        defaults.update(LINEAR_QUICK if args.linear else STEP_QUICK if args.step else QUICK)
+        defaults.update(LINEAR_QUICK if args.linear or args.linear_distill else STEP_QUICK if args.step else QUICK)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

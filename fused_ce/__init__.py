@@ -22,7 +22,7 @@ from ._version import __version__
 from .distill import distillation_loss
 from .distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 from .functional import cross_entropy, entropy, focal_loss, set_target_validation
-from .linear import LinearCrossEntropyLoss, linear_cross_entropy
+from .linear import LinearCrossEntropyLoss, linear_cross_entropy, linear_distillation_loss
 from .modules import CrossEntropyLoss
 from .ops import cuda_kernels_available
 from .partial import slice_cross_entropy
@@ -42,6 +42,7 @@ __all__ = [
     "entropy",
     "focal_loss",
     "linear_cross_entropy",
+    "linear_distillation_loss",
     "ops",
     "set_target_validation",
     "slice_cross_entropy",

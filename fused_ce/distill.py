@@ -66,16 +66,7 @@ def distillation_loss(
             dimension, as ``F.kl_div``'s).
         loss_dtype: as :func:`fused_ce.cross_entropy`'s.
     """
-    checks.check_reduction(reduction, allowed=REDUCTIONS)
-    if kind not in KINDS:
-        raise checks.ArgumentError(f"kind must be one of {tuple(KINDS)}, got {kind!r}")
-    if kind == "jsd":
-        checks.check_in_range(beta, "beta", 0.0, 1.0, rule="a number in (0, 1) for the JSD")
-        if not 0 < beta < 1:
-            raise checks.ArgumentError(f"beta must be a number in (0, 1) for the JSD, got {beta!r}")
-    checks.check_positive(temperature, "temperature")
-    checks.check_in_range(alpha, "alpha", 0.0, 1.0, rule="a number in [0, 1]")
-    checks.check_ignore_index(ignore_index)
+    check_options(kind, beta, temperature, alpha, reduction, ignore_index, target)
     checks.check_floating(student_logits, "student_logits")
     checks.check_floating(teacher_logits, "teacher_logits")
     if student_logits.dim() == 0:
@@ -85,13 +76,7 @@ def distillation_loss(
                                    f"got {tuple(teacher_logits.shape)}")
     checks.check_same_device(teacher_logits, "teacher_logits", student_logits.device, "student_logits")
     checks.check_device(student_logits.device)
-    if teacher_logits.requires_grad and torch.is_grad_enabled():
-        raise checks.ArgumentError(
-            "teacher_logits requires grad, but the distillation loss gives the teacher no gradient; "
-            "pass teacher_logits.detach() (or compute the teacher under torch.no_grad())"
-        )
-    if alpha > 0 and target is None:
-        raise checks.ArgumentError("alpha > 0 mixes in the hard-label cross-entropy, which needs target")
+    check_teacher_takes_no_grad(teacher_logits, "teacher_logits")
     batch_shape = student_logits.shape[:-1]
     rows_s = as_rows(student_logits, student_logits.dim() - 1)
     rows_t = as_rows(teacher_logits.to(student_logits.dtype), teacher_logits.dim() - 1)
@@ -126,6 +111,31 @@ def distillation_loss(
     return loss.to(out_dtype)
 
 
+def check_options(kind, beta, temperature, alpha, reduction, ignore_index, target) -> None:
+    """The checks of the options every distillation function shares."""
+    checks.check_reduction(reduction, allowed=REDUCTIONS)
+    if kind not in KINDS:
+        raise checks.ArgumentError(f"kind must be one of {tuple(KINDS)}, got {kind!r}")
+    if kind == "jsd":
+        checks.check_in_range(beta, "beta", 0.0, 1.0, rule="a number in (0, 1) for the JSD")
+        if not 0 < beta < 1:
+            raise checks.ArgumentError(f"beta must be a number in (0, 1) for the JSD, got {beta!r}")
+    checks.check_positive(temperature, "temperature")
+    checks.check_in_range(alpha, "alpha", 0.0, 1.0, rule="a number in [0, 1]")
+    checks.check_ignore_index(ignore_index)
+    if alpha > 0 and target is None:
+        raise checks.ArgumentError("alpha > 0 mixes in the hard-label cross-entropy, which needs target")
+
+
+def check_teacher_takes_no_grad(tensor: Tensor | None, name: str) -> None:
+    """The teacher gets no gradient: refuse one that asks for it, rather than leave its .grad silently None."""
+    if tensor is not None and tensor.requires_grad and torch.is_grad_enabled():
+        raise checks.ArgumentError(
+            f"{name} requires grad, but the distillation loss gives the teacher no gradient; "
+            f"pass {name}.detach() (or compute the teacher under torch.no_grad())"
+        )
+
+
 def _reduce(rows: Tensor, reduction: str, count, batch_size: int) -> Tensor:
     if reduction == "none":
         return rows
@@ -137,4 +147,4 @@ def _reduce(rows: Tensor, reduction: str, count, batch_size: int) -> Tensor:
     return nan_if_empty(total * safe_inverse(count, total.dtype), count)
 
 
-__all__ = ["KINDS", "distillation_loss"]
+__all__ = ["KINDS", "check_options", "check_teacher_takes_no_grad", "distillation_loss"]

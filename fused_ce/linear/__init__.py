@@ -9,10 +9,12 @@ every block reuses, and consumed at once.
 * :mod:`~fused_ce.linear.plan` -- how the logits are cut into blocks (the chunk plan);
 * :mod:`~fused_ce.linear.loops` -- the loops over blocks: matmul, kernel, gradients;
 * :mod:`~fused_ce.linear.ops` -- the custom ops and their autograd;
-* :mod:`~fused_ce.linear.api` -- :func:`linear_cross_entropy` and :class:`LinearCrossEntropyLoss`.
+* :mod:`~fused_ce.linear.api` -- :func:`linear_cross_entropy` and :class:`LinearCrossEntropyLoss`;
+* :mod:`~fused_ce.linear.distill` -- :func:`linear_distillation_loss`, two heads' logits at once.
 """
 
 from .api import LinearCrossEntropyLoss, linear_cross_entropy
+from .distill import linear_distillation_loss
 from .plan import chunk_plan
 
-__all__ = ["LinearCrossEntropyLoss", "chunk_plan", "linear_cross_entropy"]
+__all__ = ["LinearCrossEntropyLoss", "chunk_plan", "linear_cross_entropy", "linear_distillation_loss"]

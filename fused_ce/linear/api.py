@@ -36,38 +36,42 @@ def _autocast_operands(input, linear_weight, linear_bias):
     return cast(input), cast(linear_weight), cast(linear_bias)
 
 
-def check_linear_operands(input, linear_weight, linear_bias) -> None:
-    """The checks of F.linear's operands, in F.linear_cross_entropy's terms (RuntimeErrors, as torch's)."""
-    checks.check_floating(input, "input")
-    checks.check_floating(linear_weight, "linear_weight")
+def check_linear_operands(input, linear_weight, linear_bias, names=("input", "linear_weight", "linear_bias")) -> None:
+    """The checks of F.linear's operands, in F.linear_cross_entropy's terms (RuntimeErrors, as torch's);
+    ``names``: the three arguments' names in the messages."""
+    x_name, w_name, b_name = names
+    checks.check_floating(input, x_name)
+    checks.check_floating(linear_weight, w_name)
     if input.dim() < 1:
-        raise checks.ArgumentError("input must have a feature dimension: shape (D), (N, D) or (B, T, D), got a scalar")
+        raise checks.ArgumentError(
+            f"{x_name} must have a feature dimension: shape (D), (N, D) or (B, T, D), got a scalar"
+        )
     if linear_weight.dim() != 2:
         if linear_weight.dim() > 2:
             raise NotImplementedError(
-                f"linear_weight must be 2-D (num_classes, in_features), got shape {tuple(linear_weight.shape)} "
+                f"{w_name} must be 2-D (num_classes, in_features), got shape {tuple(linear_weight.shape)} "
                 "(the K-dimensional loss of F.linear_cross_entropy is not supported)"
             )
-        raise checks.ArgumentError(f"linear_weight must be 2-D (num_classes, in_features), got {linear_weight.dim()}-D")
+        raise checks.ArgumentError(f"{w_name} must be 2-D (num_classes, in_features), got {linear_weight.dim()}-D")
     num_classes, in_features = linear_weight.shape
     if input.shape[-1] != in_features:
         raise checks.ArgumentError(
-            f"input's last dimension ({input.shape[-1]}) must equal linear_weight's in_features ({in_features})"
+            f"{x_name}'s last dimension ({input.shape[-1]}) must equal {w_name}'s in_features ({in_features})"
         )
     if linear_weight.dtype != input.dtype:
         raise checks.ArgumentTypeError(
-            f"linear_weight must have input's dtype ({input.dtype}), got {linear_weight.dtype}"
+            f"{w_name} must have {x_name}'s dtype ({input.dtype}), got {linear_weight.dtype}"
         )
-    checks.check_same_device(linear_weight, "linear_weight", input.device)
+    checks.check_same_device(linear_weight, w_name, input.device, x_name)
     if linear_bias is not None:
-        checks.check_tensor(linear_bias, "linear_bias")
+        checks.check_tensor(linear_bias, b_name)
         if linear_bias.shape != (num_classes,):
-            raise checks.ArgumentError(f"linear_bias must have shape ({num_classes},), got {tuple(linear_bias.shape)}")
+            raise checks.ArgumentError(f"{b_name} must have shape ({num_classes},), got {tuple(linear_bias.shape)}")
         if linear_bias.dtype != input.dtype:
             raise checks.ArgumentTypeError(
-                f"linear_bias must have input's dtype ({input.dtype}), got {linear_bias.dtype}"
+                f"{b_name} must have {x_name}'s dtype ({input.dtype}), got {linear_bias.dtype}"
             )
-        checks.check_same_device(linear_bias, "linear_bias", input.device)
+        checks.check_same_device(linear_bias, b_name, input.device, x_name)
     checks.check_device(input.device)
 
 

@@ -53,6 +53,10 @@ _DEFAULT_BUDGET_MB = {"cuda": 256.0, "cpu": 3.0}
 # row at C = 32 than at 256 (GFLOP/s table: bench/results/cpu-2026-11-28/README.md);
 # cuBLAS keeps such a product busy from a few hundred rows.
 _FUSED_MIN_ROWS = {"cuda": 128, "cpu": 128}
+# linear_distillation_loss's chunks are whole rows, so they must be tall enough on their
+# own: on the CPU development machine (2-core EPYC, MKL, 2048 x 256 x 32000 fp32, both
+# heads, forward) chunks of 128 / 256 / 512 / 1024 rows took 3676 / 2997 / 1735 / 1781 ms.
+_DISTILL_MIN_ROWS = {"cuda": 128, "cpu": 512}
 # A plan's rows: one chunk of every row, classes per block from the budget and N.
 ALL_ROWS = -1
 _BLOCK_ROWS = {"cuda": 2048, "cpu": 1024}
@@ -89,6 +93,25 @@ def chunk_plan(
         return _align_down(rows, _ROW_ALIGN), num_classes
     block_rows = _BLOCK_ROWS[key]
     return block_rows, min(block_classes(budget, block_rows, itemsize), num_classes)
+
+
+def distill_chunk_rows(num_classes: int, dtype: torch.dtype, device: torch.device, chunk_size=None) -> int:
+    """Rows per chunk of :func:`fused_ce.linear_distillation_loss`: whole rows of the vocabulary.
+
+    The divergence needs each row whole (both rows' lse before any term), so its
+    chunks are rows only: ``chunk_size`` if given, else as many as fit three
+    ``[rows, V]`` buffers (student logits, teacher logits, gradient) in the budget,
+    rounded down to a multiple of 8 but at least ``_DISTILL_MIN_ROWS`` (below that the
+    matmuls, not memory, are what costs).
+    """
+    if chunk_size is not None:
+        if isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size >= 1:
+            return chunk_size
+        raise ArgumentError(f"chunk_size must be None or a positive int (rows per chunk), got {chunk_size!r}")
+    key = device_key(device)
+    itemsize = compute_dtype(dtype, device).itemsize
+    rows = budget_bytes(key) // (3 * max(num_classes, 1) * itemsize)
+    return max(_DISTILL_MIN_ROWS[key], _align_down(rows, _ROW_ALIGN))
 
 
 def _explicit_plan(chunk_size, num_classes: int) -> tuple[int, int]:
