@@ -58,7 +58,7 @@ DTYPES = {"bfloat16": ("c10::BFloat16", 2), "half": ("c10::Half", 2), "float": (
 
 # The option bits of a kernel's `unsigned kOpts` template argument (csrc/cuda/options.h;
 # keep in step with it), for the labels.
-FLAGS = {"smoothing": 1, "probs": 2, "weights": 4, "softcap": 8, "grad": 16}
+FLAGS = {"smoothing": 1, "probs": 2, "weights": 4, "logit_map": 8, "grad": 16}
 
 
 def find_tool(name: str) -> str:
@@ -338,7 +338,7 @@ def short_label(pretty: str, ctype: str) -> str:
             parts.append("+".join(f for f, bit in FLAGS.items() if opts & bit) or "one-hot")
         elif a.startswith("(fused_ce::cuda::TargetMode)"):  # before the option bits (commit 35e0af4)
             mode = int(a.split(")")[-1])
-            parts.append(("one-hot", "smoothed", "probs")[mode] + " (runtime weights/softcap)")
+            parts.append(("one-hot", "smoothed", "probs")[mode] + " (runtime weights/logit map)")
         elif a in ("true", "false"):
             parts.append("grad" if a == "true" else "stats")
         elif a:

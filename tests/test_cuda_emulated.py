@@ -81,15 +81,19 @@ def _targets(kind, n, v, dtype):
     return y
 
 
-def _compare(emulator, logits, target, weight, smoothing, softcap, variant, keep_rows=True):
+def _compare(emulator, logits, target, weight, smoothing, softcap, variant, keep_rows=True, logit_map=(1.0, 1.0)):
     """Forward, backward (with zero, negative and positive coefficients), the fused kernel out
     of place and in place, and (keep_rows) backward_into_'s kept rows, against the CPU kernels;
-    the fused gradient against the recomputed one, bit for bit."""
+    the fused gradient against the recomputed one, bit for bit. logit_map: (logit_scale,
+    temperature)."""
     ignore = -100
+    scale, temperature = logit_map
+    emulated = dict(logit_scale=scale, temperature=temperature)
+    cpu = dict(vocab_start=0, vocab_total=-1, logit_scale=scale, temperature=temperature)
     dtype = logits.dtype
     tol = _tolerance(dtype)
-    got = emulator.forward(logits, target, weight, ignore, smoothing, softcap, 0, -1, variant)
-    want = torch.ops.fused_ce.cross_entropy_forward(logits, target, weight, ignore, smoothing, softcap)
+    got = emulator.forward(logits, target, weight, ignore, smoothing, softcap, 0, -1, variant, **emulated)
+    want = torch.ops.fused_ce.cross_entropy_forward(logits, target, weight, ignore, smoothing, softcap, **cpu)
     for name, g, w in zip(("loss", "lse", "mass"), got, want):
         torch.testing.assert_close(g, w, **tol, equal_nan=True, msg=lambda m, name=name: f"{name}: {m}")
 
@@ -102,10 +106,10 @@ def _compare(emulator, logits, target, weight, smoothing, softcap, variant, keep
         p_coef[2] = 0.0  # only the target term
     lse = want[1]
     got_grad = emulator.backward(
-        logits, target, weight, lse, p_coef, t_coef, ignore, smoothing, softcap, 0, -1, variant, None, None
+        logits, target, weight, lse, p_coef, t_coef, ignore, smoothing, softcap, 0, -1, variant, None, None, **emulated
     )
     want_grad = torch.ops.fused_ce.cross_entropy_backward(
-        logits, target, weight, lse, p_coef, t_coef, ignore, smoothing, softcap
+        logits, target, weight, lse, p_coef, t_coef, ignore, smoothing, softcap, **cpu
     )
     torch.testing.assert_close(got_grad, want_grad, **tol, equal_nan=True)
 
@@ -113,11 +117,12 @@ def _compare(emulator, logits, target, weight, smoothing, softcap, variant, keep
     row_scale = torch.rand(n, dtype=acc)
     z_scale = torch.rand(n, dtype=acc) * 1e-2
     want = torch.ops.fused_ce.cross_entropy_fused(
-        logits, target, weight, row_scale, z_scale, ignore, smoothing, softcap
+        logits, target, weight, row_scale, z_scale, ignore, smoothing, softcap, **cpu
     )
     for inplace in (False, True):
         x = logits.clone() if inplace else logits
-        got = emulator.fused(x, target, weight, row_scale, z_scale, ignore, smoothing, softcap, 0, -1, variant, inplace)
+        got = emulator.fused(x, target, weight, row_scale, z_scale, ignore, smoothing, softcap, 0, -1, variant, inplace,
+                             **emulated)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, **tol, equal_nan=True)
         if inplace:
@@ -127,7 +132,7 @@ def _compare(emulator, logits, target, weight, smoothing, softcap, variant, keep
     _, f_lse, f_mass, f_grad = got
     recomputed = emulator.backward(
         logits, target, weight, f_lse, row_scale * f_mass + 2 * z_scale * f_lse, row_scale, ignore, smoothing,
-        softcap, 0, -1, variant, None, None,
+        softcap, 0, -1, variant, None, None, **emulated,
     )
     assert torch.equal(recomputed.view(torch.uint8), f_grad.view(torch.uint8)), "fused and recomputed gradients differ"
 
@@ -137,7 +142,7 @@ def _compare(emulator, logits, target, weight, smoothing, softcap, variant, keep
     keep = torch.where(torch.arange(n) % 2 == 0, 1.0, 0.5).to(acc)
     held = torch.full_like(logits, 7.0)
     got_grad = emulator.backward(
-        logits, target, weight, lse, p_coef, t_coef, ignore, smoothing, softcap, 0, -1, variant, keep, held
+        logits, target, weight, lse, p_coef, t_coef, ignore, smoothing, softcap, 0, -1, variant, keep, held, **emulated
     )
     torch.testing.assert_close(got_grad[0::2], held[0::2])
     torch.testing.assert_close(got_grad[1::2], want_grad[1::2], **tol, equal_nan=True)
@@ -228,18 +233,33 @@ def test_non_finite_logits_match_the_cpu_kernels(emulator, variant):
     _compare(emulator, logits, probs, None, 0.0, 0.0, variant)
 
 
+@pytest.mark.parametrize("variant", STREAMING + ("single_read",))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("softcap", [0.0, 4.0])
+@pytest.mark.parametrize("logit_map", [(0.25, 1.0), (1.0, 0.7), (3.0, 1.9)], ids=str)
+def test_logit_scale_and_temperature(emulator, variant, dtype, softcap, logit_map):
+    """softcap(logit_scale * x) / temperature in the mapped loops (the soft-cap's instantiations), as the CPU."""
+    torch.manual_seed(7)
+    for kind, smoothing, v, layout in [("index", 0.0, 7, "unaligned"), ("index", 0.1, 1025, "padded_rows"),
+                                       ("probs", 0.0, 300, "contiguous")]:
+        logits = _logits(5, v, dtype, layout)
+        target = _targets(kind, 5, v, dtype)
+        _compare(emulator, logits, target, None, smoothing, softcap, variant, logit_map=logit_map)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("variant", STREAMING + ("stream1024",))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_entropy_kernels(emulator, variant, dtype):
+def test_entropy_kernels(emulator, variant, dtype, temperature):
     torch.manual_seed(len(variant))
     for v, layout in [(7, "unaligned"), (1025, "contiguous"), (300, "padded_rows")]:
         logits = _logits(5, v, dtype, layout)
         logits[0, 2] = float("-inf")  # a zero probability
         grad_entropy = torch.randn(5, dtype=_acc(dtype))
         grad_entropy[1] = 0.0
-        entropy, lse, grad = emulator.entropy(logits, grad_entropy, variant)
-        want_entropy, want_lse = torch.ops.fused_ce.entropy_forward(logits)
-        want_grad = torch.ops.fused_ce.entropy_backward(logits, want_entropy, want_lse, grad_entropy)
+        entropy, lse, grad = emulator.entropy(logits, grad_entropy, variant, temperature)
+        want_entropy, want_lse = torch.ops.fused_ce.entropy_forward(logits, temperature)
+        want_grad = torch.ops.fused_ce.entropy_backward(logits, want_entropy, want_lse, grad_entropy, temperature)
         torch.testing.assert_close(entropy, want_entropy, **_tolerance(dtype))
         torch.testing.assert_close(lse, want_lse, **_tolerance(dtype))
         torch.testing.assert_close(grad, want_grad, **_tolerance(dtype))

@@ -19,21 +19,12 @@
 namespace fused_ce::cuda {
 namespace {
 
-// logit_scale and temperature (LogitMap in common/ce_math.h) are in the CPU kernels;
-// the CUDA kernels take them once the lean kernels of issue 13 have landed.
-void check_identity_logit_map(double logit_scale, double temperature) {
-  check_logit_map(logit_scale, temperature);
-  TORCH_CHECK_NOT_IMPLEMENTED(logit_scale == 1.0 && temperature == 1.0,
-                              "logit_scale and temperature are not in fused_ce's CUDA kernels yet; run on the CPU, "
-                              "or scale the logits before the loss");
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& logits, const at::Tensor& target,
                                                             const std::optional<at::Tensor>& weight,
                                                             int64_t ignore_index, double label_smoothing,
                                                             double softcap, int64_t vocab_start, int64_t vocab_total,
                                                             double logit_scale, double temperature) {
-  check_identity_logit_map(logit_scale, temperature);
+  check_logit_map(logit_scale, temperature);
   check_forward_args(logits, target, weight, label_smoothing, softcap);
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor target_rows = target.is_floating_point() ? target : target.contiguous();
@@ -46,7 +37,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& lo
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "fused_ce_forward_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
     launch_forward(make_problem<scalar_t>(logits, target_rows, w, ignore_index, label_smoothing, softcap, vocab_start,
-                                          vocab_total),
+                                          vocab_total, logit_scale, temperature),
                    ForwardOutputs<acc_t>{loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), mass.data_ptr<acc_t>()},
                    GradInForward<scalar_t>{}, stream);
   });
@@ -56,7 +47,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& lo
 void backward_into(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
                    const std::optional<at::Tensor>& weight, const at::Tensor& lse, const at::Tensor& p_coef,
                    const at::Tensor& t_coef, const at::Tensor* keep_where_one, int64_t ignore_index,
-                   double label_smoothing, double softcap, int64_t vocab_start, int64_t vocab_total) {
+                   double label_smoothing, double softcap, int64_t vocab_start, int64_t vocab_total, double logit_scale,
+                   double temperature) {
   check_forward_args(logits, target, weight, label_smoothing, softcap);
   check_row_vector(lse, "lse", logits);
   check_row_vector(p_coef, "p_coef", logits);
@@ -77,7 +69,7 @@ void backward_into(const at::Tensor& grad, const at::Tensor& logits, const at::T
       in.keep_stride = keep_where_one->stride(0);
     }
     launch_backward(make_problem<scalar_t>(logits, target_rows, w, ignore_index, label_smoothing, softcap, vocab_start,
-                                           vocab_total),
+                                           vocab_total, logit_scale, temperature),
                     in, grad.data_ptr<scalar_t>(), grad.stride(0), stream);
   });
 }
@@ -86,10 +78,10 @@ at::Tensor backward_cuda(const at::Tensor& logits, const at::Tensor& target, con
                          const at::Tensor& lse, const at::Tensor& p_coef, const at::Tensor& t_coef,
                          int64_t ignore_index, double label_smoothing, double softcap, int64_t vocab_start,
                          int64_t vocab_total, double logit_scale, double temperature) {
-  check_identity_logit_map(logit_scale, temperature);
+  check_logit_map(logit_scale, temperature);
   at::Tensor grad = at::empty(logits.sizes(), logits.options());
   backward_into(grad, logits, target, weight, lse, p_coef, t_coef, nullptr, ignore_index, label_smoothing, softcap,
-                vocab_start, vocab_total);
+                vocab_start, vocab_total, logit_scale, temperature);
   return grad;
 }
 
@@ -98,26 +90,29 @@ void backward_into_cuda(const at::Tensor& grad, const at::Tensor& logits, const 
                         const at::Tensor& t_coef, const at::Tensor& keep_where_one, int64_t ignore_index,
                         double label_smoothing, double softcap, int64_t vocab_start, int64_t vocab_total,
                         double logit_scale, double temperature) {
-  check_identity_logit_map(logit_scale, temperature);
+  check_logit_map(logit_scale, temperature);
   at::assert_no_overlap(grad, logits);  // in place is cross_entropy_backward_
   backward_into(grad, logits, target, weight, lse, p_coef, t_coef, &keep_where_one, ignore_index, label_smoothing,
-                softcap, vocab_start, vocab_total);
+                softcap, vocab_start, vocab_total, logit_scale, temperature);
 }
 
 void backward_inplace_cuda(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                            const at::Tensor& lse, const at::Tensor& p_coef, const at::Tensor& t_coef,
                            int64_t ignore_index, double label_smoothing, double softcap, int64_t vocab_start,
                            int64_t vocab_total, double logit_scale, double temperature) {
-  check_identity_logit_map(logit_scale, temperature);
+  check_logit_map(logit_scale, temperature);
   backward_into(logits, logits, target, weight, lse, p_coef, t_coef, nullptr, ignore_index, label_smoothing, softcap,
-                vocab_start, vocab_total);
+                vocab_start, vocab_total, logit_scale, temperature);
 }
 
 // Shared by the out-of-place and in-place fused ops: grad is the buffer to write.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_into(
-    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    const at::Tensor& row_scale, const std::optional<at::Tensor>& z_scale, int64_t ignore_index, double label_smoothing,
-    double softcap, int64_t vocab_start, int64_t vocab_total, const at::Tensor& grad) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_into(const at::Tensor& logits, const at::Tensor& target,
+                                                          const std::optional<at::Tensor>& weight,
+                                                          const at::Tensor& row_scale,
+                                                          const std::optional<at::Tensor>& z_scale,
+                                                          int64_t ignore_index, double label_smoothing, double softcap,
+                                                          int64_t vocab_start, int64_t vocab_total, double logit_scale,
+                                                          double temperature, const at::Tensor& grad) {
   check_forward_args(logits, target, weight, label_smoothing, softcap);
   check_fused_args(logits, row_scale, z_scale);
   const c10::cuda::CUDAGuard guard(logits.device());
@@ -138,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_into(
     with_grad.grad = grad.data_ptr<scalar_t>();
     with_grad.grad_stride = grad.stride(0);
     launch_forward(make_problem<scalar_t>(logits, target_rows, w, ignore_index, label_smoothing, softcap, vocab_start,
-                                          vocab_total),
+                                          vocab_total, logit_scale, temperature),
                    ForwardOutputs<acc_t>{objective.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), mass.data_ptr<acc_t>()},
                    with_grad, stream);
   });
@@ -149,10 +144,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cuda(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const at::Tensor& row_scale, const std::optional<at::Tensor>& z_scale, int64_t ignore_index, double label_smoothing,
     double softcap, int64_t vocab_start, int64_t vocab_total, double logit_scale, double temperature) {
-  check_identity_logit_map(logit_scale, temperature);
+  check_logit_map(logit_scale, temperature);
   at::Tensor grad = at::empty(logits.sizes(), logits.options());
   auto [objective, lse, mass] = fused_into(logits, target, weight, row_scale, z_scale, ignore_index, label_smoothing,
-                                           softcap, vocab_start, vocab_total, grad);
+                                           softcap, vocab_start, vocab_total, logit_scale, temperature, grad);
   return {objective, lse, mass, grad};
 }
 
@@ -160,29 +155,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_inplace_cuda(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const at::Tensor& row_scale, const std::optional<at::Tensor>& z_scale, int64_t ignore_index, double label_smoothing,
     double softcap, int64_t vocab_start, int64_t vocab_total, double logit_scale, double temperature) {
-  check_identity_logit_map(logit_scale, temperature);
+  check_logit_map(logit_scale, temperature);
   return fused_into(logits, target, weight, row_scale, z_scale, ignore_index, label_smoothing, softcap, vocab_start,
-                    vocab_total, logits);
+                    vocab_total, logit_scale, temperature, logits);
 }
 
 template <typename scalar_t>
-EntropyArgs<scalar_t> entropy_args(const at::Tensor& logits, at::Tensor& entropy, at::Tensor& lse) {
+EntropyArgs<scalar_t> entropy_args(const at::Tensor& logits, at::Tensor& entropy, at::Tensor& lse, double temperature) {
   using acc_t = acc_type<scalar_t>;
   EntropyArgs<scalar_t> a{logits.const_data_ptr<scalar_t>(), logits.stride(0),     logits.size(0), logits.size(1),
                           entropy.data_ptr<acc_t>(),         lse.data_ptr<acc_t>()};
+  a.post = make_logit_map<acc_t>(1.0, 0.0, temperature).post;  // as the CPU kernels round 1 / temperature
   return a;
 }
 
 std::tuple<at::Tensor, at::Tensor> entropy_forward_cuda(const at::Tensor& logits, double temperature) {
   check_entropy_args(logits);
-  check_identity_logit_map(1.0, temperature);
+  check_logit_map(1.0, temperature);
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto opts = logits.options().dtype(accumulate_type(logits.scalar_type()));
   at::Tensor entropy = at::empty({logits.size(0)}, opts);
   at::Tensor lse = at::empty({logits.size(0)}, opts);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "fused_ce_entropy_forward_cuda", [&] {
-    launch_entropy_forward(entropy_args<scalar_t>(logits, entropy, lse), stream);
+    launch_entropy_forward(entropy_args<scalar_t>(logits, entropy, lse, temperature), stream);
   });
   return {entropy, lse};
 }
@@ -190,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor> entropy_forward_cuda(const at::Tensor& logits
 at::Tensor entropy_backward_cuda(const at::Tensor& logits, const at::Tensor& entropy, const at::Tensor& lse,
                                  const at::Tensor& grad_entropy, double temperature) {
   check_entropy_args(logits);
-  check_identity_logit_map(1.0, temperature);
+  check_logit_map(1.0, temperature);
   check_row_vector(entropy, "entropy", logits);
   check_row_vector(lse, "lse", logits);
   check_row_vector(grad_entropy, "grad_entropy", logits);
@@ -201,7 +197,7 @@ at::Tensor entropy_backward_cuda(const at::Tensor& logits, const at::Tensor& ent
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "fused_ce_entropy_backward_cuda",
                                   [&] {
                                     using acc_t = acc_type<scalar_t>;
-                                    auto a = entropy_args<scalar_t>(logits, entropy_c, lse_c);
+                                    auto a = entropy_args<scalar_t>(logits, entropy_c, lse_c, temperature);
                                     a.grad_entropy = grad_entropy.const_data_ptr<acc_t>();
                                     a.grad_entropy_stride = grad_entropy.stride(0);
                                     a.grad = grad.data_ptr<scalar_t>();

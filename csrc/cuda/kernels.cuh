@@ -343,8 +343,8 @@ struct RowMath {
 
   // z from a logit x (converted to acc_t).
   __device__ __forceinline__ acc_t logit(acc_t v) const {
-    if constexpr (O::softcap) {
-      return softcap_value(v, p.cap, p.inv_cap);
+    if constexpr (O::mapped) {
+      return p.map.value(v);
     } else {
       return v;
     }
@@ -470,7 +470,7 @@ __device__ __forceinline__ SoftmaxTerm<acc_t> softmax_term(acc_t lse, acc_t p_co
 }
 
 // The gradient at one element off the target's entry: scale * exp2(...) - t_coef * T_c,
-// times the soft-cap slope. kFolded: scale is 1 (only for lean options).
+// times the logit map's slope. kFolded: scale is 1 (only for lean options).
 template <bool kFolded, typename scalar_t, class O>
 __device__ __forceinline__ acc_type<scalar_t> gradient_at(const RowMath<scalar_t, O>& rm,
                                                           const SoftmaxTerm<acc_type<scalar_t>>& term,
@@ -480,7 +480,7 @@ __device__ __forceinline__ acc_type<scalar_t> gradient_at(const RowMath<scalar_t
   acc_t v = exp2_approx(fma_(z, kLog2e<acc_t>, term.bias));
   if constexpr (!kFolded) v = term.scale * v;
   if constexpr (O::spread) v -= t_coef * rm.spread_target(c);
-  if constexpr (O::softcap) v *= softcap_slope(z, rm.p.inv_cap);
+  if constexpr (O::mapped) v *= rm.p.map.slope(z);
   return v;
 }
 
@@ -494,7 +494,7 @@ __device__ __forceinline__ void with_folding(const SoftmaxTerm<acc_t>& term, Wri
   write_loop(std::false_type{});
 }
 
-// The gradient at the target's own column (z_y: its logit after the soft-cap).
+// The gradient at the target's own column (z_y: its logit after the logit map).
 template <typename scalar_t, class O>
 __device__ __forceinline__ acc_type<scalar_t> target_gradient(const RowMath<scalar_t, O>& rm,
                                                               const SoftmaxTerm<acc_type<scalar_t>>& term,
@@ -502,11 +502,11 @@ __device__ __forceinline__ acc_type<scalar_t> target_gradient(const RowMath<scal
   using acc_t = acc_type<scalar_t>;
   acc_t v = term.scale * exp2_approx(fma_(z_y, kLog2e<acc_t>, term.bias)) -
             t_coef * (rm.spread_target(rm.index) + rm.one_hot_target());
-  if constexpr (O::softcap) v *= softcap_slope(z_y, rm.p.inv_cap);
+  if constexpr (O::mapped) v *= rm.p.map.slope(z_y);
   return v;
 }
 
-// Writes the gradient of one row, p_coef * softmax - t_coef * T times the soft-cap
+// Writes the gradient of one row, p_coef * softmax - t_coef * T times the logit map's
 // slope, into g (which may be x itself). The loop writes every element as if it were off
 // the target; then the writer lane, which owns the target's column and read its logit
 // z_y before storing anything, writes that entry.
@@ -606,7 +606,8 @@ __global__ void __launch_bounds__(block_size<kThreads>(), 1)
                                      in.t_coef[row]);
 }
 
-// Entropy and lse of each row of softmax(logits) (EntropyStats in common/ce_math.h).
+// Entropy and lse of each row of softmax(logits / temperature) (EntropyStats in
+// common/ce_math.h); a.post = 1 / temperature (exact for 1: x * 1 is x).
 template <typename scalar_t, int kThreads>
 __global__ void __launch_bounds__(block_size<kThreads>(), 1) entropy_forward_kernel(const EntropyArgs<scalar_t> a) {
   using acc_t = acc_type<scalar_t>;
@@ -631,10 +632,16 @@ __global__ void __launch_bounds__(block_size<kThreads>(), 1) entropy_forward_ker
       x, NoOutput{}, split_row(x, int(a.num_classes)), lane,
       [&](const auto& v, int, NoOutput) {
         constexpr int n = std::extent_v<std::remove_reference_t<decltype(v)>>;
+        acc_t z[n];
 #pragma unroll
-        for (int u = 0; u < n / W; ++u) add(v + u * W, W);
+        for (int k = 0; k < n; ++k) z[k] = v[k] * a.post;
+#pragma unroll
+        for (int u = 0; u < n / W; ++u) add(z + u * W, W);
       },
-      [&](acc_t xc, int) { add(&xc, 1); });
+      [&](acc_t xc, int) {
+        const acc_t z = xc * a.post;
+        add(&z, 1);
+      });
   s = merge_row<kThreads>(s);
   if (lane == 0) {
     a.entropy[row] = entropy_value(s);
@@ -651,10 +658,12 @@ __global__ void __launch_bounds__(block_size<kThreads>(), 1) entropy_backward_ke
   const scalar_t* x = a.logits + row * a.logits_stride;
   scalar_t* g = a.grad + row * a.num_classes;
   const acc_t lse = a.lse[row], h = a.entropy[row], gh = a.grad_entropy[row * a.grad_entropy_stride];
-  auto grad_at = [&](acc_t z) -> acc_t {
-    if (gh == acc_t(0)) return acc_t(0);
+  const acc_t gz = gh * a.post;  // dz/dx = 1 / temperature
+  auto grad_at = [&](acc_t v) -> acc_t {
+    if (gz == acc_t(0)) return acc_t(0);
+    const acc_t z = v * a.post;
     const acc_t p = exp_(z - lse);
-    return p == acc_t(0) ? acc_t(0) : entropy_grad_value(p, z, lse, h, gh);  // p = 0: 0, not 0 * inf
+    return p == acc_t(0) ? acc_t(0) : entropy_grad_value(p, z, lse, h, gz);  // p = 0: 0, not 0 * inf
   };
   write_owned<scalar_t, kThreads>(x, g, split_row(x, int(a.num_classes)), lane,
                                   [&](acc_t v, int) { return grad_at(v); });

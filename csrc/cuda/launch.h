@@ -12,6 +12,8 @@ typedef struct CUstream_st* cudaStream_t;
 #include <cstdint>
 #include <type_traits>
 
+#include "common/ce_math.h"
+
 namespace fused_ce::cuda {
 
 // fp32 arithmetic for fp32/fp16/bf16 logits, fp64 for fp64.
@@ -35,8 +37,7 @@ struct RowProblem {
   int64_t vocab_total;  // class-index targets are global
   acc_t on_target;      // 1 - label_smoothing
   acc_t smoothing;      // label_smoothing / num_classes
-  acc_t cap;            // soft-cap, 0 = off
-  acc_t inv_cap;
+  LogitMap<acc_t> map;  // the logits the loss sees: softcap(logit_scale * x) / temperature
 };
 
 // Per-row tensors are in the accumulation dtype acc_t.
@@ -88,6 +89,7 @@ struct EntropyArgs {
   acc_t* lse;
   const acc_t* grad_entropy = nullptr;
   int64_t grad_entropy_stride = 0;
+  acc_t post = 1;  // 1 / temperature: the entropy of softmax(post * x)
   scalar_t* grad = nullptr;
 };
 

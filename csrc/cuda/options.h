@@ -7,10 +7,11 @@
 // is_canonical() where it only makes sense with others, one line in
 // row_option_bits(), and its use in the loops (bench/sass_stats.py names the bits:
 // keep its FLAGS in step).
-//   Planned (issue 16): a logit multiplier before the soft-cap and a temperature
-//   after it -- without soft-cap both fold into the loops' runtime exp2 scale and the
-//   gradient coefficients, so only "multiplier with soft-cap" needs a bit -- and a
-//   per-row argmax tracked in the statistics pass (one bit).
+//   The logit scale and the temperature share the soft-cap's bit: any logit map but
+//   the identity (LogitMap in common/ce_math.h, the CPU kernels' own) goes through
+//   the mapped loops, so the common path keeps its lean loop and no combination
+//   doubles the instantiations. (They could fold into the lean loop's exp2 scale;
+//   not worth a bit until a GPU says temperature-scaled training is hot.)
 #pragma once
 
 #include <type_traits>
@@ -24,7 +25,7 @@ enum RowOption : unsigned {
   kOptSmoothing = 1u << 0,  // class index with label smoothing: T_c = smoothing * w_c off the target
   kOptProbs = 1u << 1,      // probability targets: T_c = w_c * (on_target * q_c + smoothing)
   kOptWeights = 1u << 2,    // per-class weights in the loops (with kOptSmoothing or kOptProbs)
-  kOptSoftcap = 1u << 3,    // z = cap * tanh(x / cap)
+  kOptLogitMap = 1u << 3,   // z = softcap(logit_scale * x) / temperature, not the identity
   kOptGrad = 1u << 4,       // the forward pass also writes the gradient
 };
 constexpr unsigned kOptionBits = 5;
@@ -34,12 +35,12 @@ struct Options {
   static constexpr bool smoothing = (kBits & kOptSmoothing) != 0;
   static constexpr bool probs = (kBits & kOptProbs) != 0;
   static constexpr bool weights = (kBits & kOptWeights) != 0;
-  static constexpr bool softcap = (kBits & kOptSoftcap) != 0;
+  static constexpr bool mapped = (kBits & kOptLogitMap) != 0;
   static constexpr bool grad = (kBits & kOptGrad) != 0;
   // T off the one-hot entry is not zero: the loops add it element by element.
   static constexpr bool spread = smoothing || probs;
   // Nothing but logits in the loops: exp2 of one FFMA per element.
-  static constexpr bool lean = !spread && !softcap;
+  static constexpr bool lean = !spread && !mapped;
 };
 
 // The combinations that get kernels. With a class index and no smoothing the weights
@@ -59,7 +60,7 @@ unsigned row_option_bits(const RowProblem<scalar_t>& p, bool with_grad) {
     bits |= kOptSmoothing;
   }
   if (p.weight != nullptr && (bits & (kOptSmoothing | kOptProbs))) bits |= kOptWeights;
-  if (p.cap > 0) bits |= kOptSoftcap;
+  if (!p.map.identity()) bits |= kOptLogitMap;
   if (with_grad) bits |= kOptGrad;
   return bits;
 }

@@ -13,7 +13,7 @@ namespace fused_ce::cuda {
 template <typename scalar_t>
 RowProblem<scalar_t> make_problem(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& weight,
                                   int64_t ignore_index, double label_smoothing, double softcap, int64_t vocab_start,
-                                  int64_t vocab_total) {
+                                  int64_t vocab_total, double logit_scale, double temperature) {
   using acc_t = acc_type<scalar_t>;
   const VocabSlice vocab = vocab_slice(logits, vocab_start, vocab_total);
   const TargetSpec spec = target_spec(label_smoothing, vocab);
@@ -34,8 +34,7 @@ RowProblem<scalar_t> make_problem(const at::Tensor& logits, const at::Tensor& ta
   p.vocab_total = vocab.total;
   p.on_target = static_cast<acc_t>(spec.on_target);
   p.smoothing = static_cast<acc_t>(spec.smoothing);
-  p.cap = softcap > 0 ? static_cast<acc_t>(softcap) : acc_t(0);
-  p.inv_cap = softcap > 0 ? static_cast<acc_t>(1.0 / softcap) : acc_t(0);
+  p.map = make_logit_map<acc_t>(logit_scale, softcap, temperature);
   return p;
 }
 

@@ -40,7 +40,8 @@ Variant variant_named(const std::string& name, int64_t num_classes, Pass pass) {
 }
 
 // The variant's name as resolved: what a GPU would run.
-std::string resolved_variant(const std::string& name, int64_t num_classes, const std::string& pass, int64_t element_size) {
+std::string resolved_variant(const std::string& name, int64_t num_classes, const std::string& pass,
+                             int64_t element_size) {
   const Pass p = pass == "forward" ? kPassForward : pass == "fused" ? kPassFused : kPassBackward;
   const Variant v = element_size == 2 ? variant_named<c10::BFloat16>(name, num_classes, p)
                                       : variant_named<float>(name, num_classes, p);
@@ -49,7 +50,8 @@ std::string resolved_variant(const std::string& name, int64_t num_classes, const
 
 std::vector<at::Tensor> forward(const at::Tensor& logits, const at::Tensor& target,
                                 const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing,
-                                double softcap, int64_t vocab_start, int64_t vocab_total, const std::string& variant) {
+                                double softcap, int64_t vocab_start, int64_t vocab_total, const std::string& variant,
+                                double logit_scale, double temperature) {
   check_forward_args(logits, target, weight, label_smoothing, softcap);
   const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
   const at::Tensor rows = target.is_floating_point() ? target : target.contiguous();
@@ -57,8 +59,8 @@ std::vector<at::Tensor> forward(const at::Tensor& logits, const at::Tensor& targ
   at::Tensor loss = at::empty({logits.size(0)}, opts), lse = at::empty_like(loss), mass = at::empty_like(loss);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "emulated_forward", [&] {
     using acc_t = acc_type<scalar_t>;
-    const auto p =
-        make_problem<scalar_t>(logits, rows, w, ignore_index, label_smoothing, softcap, vocab_start, vocab_total);
+    const auto p = make_problem<scalar_t>(logits, rows, w, ignore_index, label_smoothing, softcap, vocab_start,
+                                          vocab_total, logit_scale, temperature);
     const ForwardOutputs<acc_t> out{loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), mass.data_ptr<acc_t>()};
     run_forward(p, out, GradInForward<scalar_t>{}, variant_named<scalar_t>(variant, p.num_classes, kPassForward),
                 emulated_device(), EmulatorLauncher{});
@@ -71,15 +73,15 @@ at::Tensor backward(const at::Tensor& logits, const at::Tensor& target, const st
                     const at::Tensor& lse, const at::Tensor& p_coef, const at::Tensor& t_coef, int64_t ignore_index,
                     double label_smoothing, double softcap, int64_t vocab_start, int64_t vocab_total,
                     const std::string& variant, const std::optional<at::Tensor>& keep_where_one,
-                    const std::optional<at::Tensor>& grad_in) {
+                    const std::optional<at::Tensor>& grad_in, double logit_scale, double temperature) {
   check_forward_args(logits, target, weight, label_smoothing, softcap);
   const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
   const at::Tensor rows = target.is_floating_point() ? target : target.contiguous();
   at::Tensor grad = grad_in.has_value() ? grad_in->clone() : at::empty(logits.sizes(), logits.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "emulated_backward", [&] {
     using acc_t = acc_type<scalar_t>;
-    const auto p =
-        make_problem<scalar_t>(logits, rows, w, ignore_index, label_smoothing, softcap, vocab_start, vocab_total);
+    const auto p = make_problem<scalar_t>(logits, rows, w, ignore_index, label_smoothing, softcap, vocab_start,
+                                          vocab_total, logit_scale, temperature);
     BackwardInputs<acc_t> in{lse.const_data_ptr<acc_t>(), p_coef.const_data_ptr<acc_t>(),
                              t_coef.const_data_ptr<acc_t>()};
     if (keep_where_one.has_value()) {
@@ -97,7 +99,7 @@ std::vector<at::Tensor> fused(const at::Tensor& logits, const at::Tensor& target
                               const std::optional<at::Tensor>& weight, const at::Tensor& row_scale,
                               const std::optional<at::Tensor>& z_scale, int64_t ignore_index, double label_smoothing,
                               double softcap, int64_t vocab_start, int64_t vocab_total, const std::string& variant,
-                              bool inplace) {
+                              bool inplace, double logit_scale, double temperature) {
   check_forward_args(logits, target, weight, label_smoothing, softcap);
   check_fused_args(logits, row_scale, z_scale);
   const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
@@ -108,8 +110,8 @@ std::vector<at::Tensor> fused(const at::Tensor& logits, const at::Tensor& target
   at::Tensor grad = inplace ? logits : at::empty(logits.sizes(), logits.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "emulated_fused", [&] {
     using acc_t = acc_type<scalar_t>;
-    const auto p =
-        make_problem<scalar_t>(logits, rows, w, ignore_index, label_smoothing, softcap, vocab_start, vocab_total);
+    const auto p = make_problem<scalar_t>(logits, rows, w, ignore_index, label_smoothing, softcap, vocab_start,
+                                          vocab_total, logit_scale, temperature);
     const ForwardOutputs<acc_t> out{objective.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), mass.data_ptr<acc_t>()};
     GradInForward<scalar_t> with_grad;
     with_grad.row_scale = row_scale.const_data_ptr<acc_t>();
@@ -122,7 +124,8 @@ std::vector<at::Tensor> fused(const at::Tensor& logits, const at::Tensor& target
   return {objective, lse, mass, grad};
 }
 
-std::vector<at::Tensor> entropy(const at::Tensor& logits, const at::Tensor& grad_entropy, const std::string& variant) {
+std::vector<at::Tensor> entropy(const at::Tensor& logits, const at::Tensor& grad_entropy, const std::string& variant,
+                                double temperature) {
   check_entropy_args(logits);
   const auto opts = logits.options().dtype(accumulate_type(logits.scalar_type()));
   at::Tensor entropy = at::empty({logits.size(0)}, opts), lse = at::empty_like(entropy);
@@ -131,6 +134,7 @@ std::vector<at::Tensor> entropy(const at::Tensor& logits, const at::Tensor& grad
     using acc_t = acc_type<scalar_t>;
     EntropyArgs<scalar_t> a{logits.const_data_ptr<scalar_t>(), logits.stride(0),     logits.size(0), logits.size(1),
                             entropy.data_ptr<acc_t>(),         lse.data_ptr<acc_t>()};
+    a.post = make_logit_map<acc_t>(1.0, 0.0, temperature).post;
     a.grad_entropy = grad_entropy.const_data_ptr<acc_t>();
     a.grad_entropy_stride = grad_entropy.stride(0);
     a.grad = grad.data_ptr<scalar_t>();
@@ -146,19 +150,30 @@ void scale_rows(at::Tensor rows, const at::Tensor& scale) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rows.scalar_type(), "emulated_scale_rows", [&] {
     using acc_t = acc_type<scalar_t>;
     // A grid of 3 blocks, so that the grid-stride loop comes round.
-    run_scale_rows(rows.data_ptr<scalar_t>(), rows.size(0), rows.size(1), rows.stride(0),
-                   scale.const_data_ptr<acc_t>(), scale.stride(0), 3, EmulatorLauncher{});
+    run_scale_rows(rows.data_ptr<scalar_t>(), rows.size(0), rows.size(1), rows.stride(0), scale.const_data_ptr<acc_t>(),
+                   scale.stride(0), 3, EmulatorLauncher{});
   });
 }
 
 }  // namespace fused_ce::cuda
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &fused_ce::cuda::forward);
-  m.def("backward", &fused_ce::cuda::backward);
-  m.def("fused", &fused_ce::cuda::fused);
+  namespace py = pybind11;
+  // The logit map last, defaulting to the identity (softcap(logit_scale * x) / temperature).
+  m.def("forward", &fused_ce::cuda::forward, py::arg("logits"), py::arg("target"), py::arg("weight"),
+        py::arg("ignore_index"), py::arg("label_smoothing"), py::arg("softcap"), py::arg("vocab_start"),
+        py::arg("vocab_total"), py::arg("variant"), py::arg("logit_scale") = 1.0, py::arg("temperature") = 1.0);
+  m.def("backward", &fused_ce::cuda::backward, py::arg("logits"), py::arg("target"), py::arg("weight"), py::arg("lse"),
+        py::arg("p_coef"), py::arg("t_coef"), py::arg("ignore_index"), py::arg("label_smoothing"), py::arg("softcap"),
+        py::arg("vocab_start"), py::arg("vocab_total"), py::arg("variant"), py::arg("keep_where_one"),
+        py::arg("grad_in"), py::arg("logit_scale") = 1.0, py::arg("temperature") = 1.0);
+  m.def("fused", &fused_ce::cuda::fused, py::arg("logits"), py::arg("target"), py::arg("weight"), py::arg("row_scale"),
+        py::arg("z_scale"), py::arg("ignore_index"), py::arg("label_smoothing"), py::arg("softcap"),
+        py::arg("vocab_start"), py::arg("vocab_total"), py::arg("variant"), py::arg("inplace"),
+        py::arg("logit_scale") = 1.0, py::arg("temperature") = 1.0);
   m.def("scale_rows", &fused_ce::cuda::scale_rows);
-  m.def("entropy", &fused_ce::cuda::entropy);
+  m.def("entropy", &fused_ce::cuda::entropy, py::arg("logits"), py::arg("grad_entropy"), py::arg("variant"),
+        py::arg("temperature") = 1.0);
   m.def("set_single_read_smem", &fused_ce::cuda::set_single_read_smem);
   m.def("resolved_variant", &fused_ce::cuda::resolved_variant);
 }
