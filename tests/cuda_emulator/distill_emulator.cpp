@@ -32,8 +32,9 @@ std::vector<at::Tensor> distill(const at::Tensor& student, const at::Tensor& tea
     r.grad_loss_stride = grad_loss.stride(0);
     r.grad = grad.data_ptr<scalar_t>();
     dispatch_distill_kind(kind, [&](auto k) {
-      emu::launch(N, kDistillThreads, distill_forward_kernel<scalar_t, decltype(k)::value>, r);
-      emu::launch(N, kDistillThreads, distill_backward_kernel<scalar_t, decltype(k)::value>, r);
+      // A block a row, no dynamic shared memory, no clusters.
+      emu::launch(N, kDistillThreads, 0, 1, distill_forward_kernel<scalar_t, decltype(k)::value>, r);
+      emu::launch(N, kDistillThreads, 0, 1, distill_backward_kernel<scalar_t, decltype(k)::value>, r);
     });
   });
   return {loss, aux, lse_s, lse_t, grad};
