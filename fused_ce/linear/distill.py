@@ -35,7 +35,7 @@ from .._rows import target_rows
 from ..distill import KINDS, check_options, check_teacher_takes_no_grad
 from ..ops import accumulate_dtype
 from .api import _autocast_operands, check_linear_operands
-from .loops import Head, _Blocks, _Gradients, _no_autocast
+from .loops import Head, _Blocks, _Gradients, _no_autocast, _times  # _times: 0 where the scale is 0
 from .ops import _in_dtypes, _scaled_gradients
 from .plan import distill_chunk_rows
 
@@ -92,11 +92,6 @@ def distill_objective_and_gradients(
             if grad is not None:
                 grads.add(rows, vocab, grad)
     return (objective, divergence, cross_entropy) + grads.result()
-
-
-def _times(scale: Tensor, rows: Tensor) -> Tensor:
-    """scale * rows, 0 where the scale is 0 (an ignored row's divergence may be anything)."""
-    return torch.where(scale == 0, 0.0, scale * rows)
 
 
 @torch.library.custom_op("fused_ce::linear_distillation", mutates_args=())
@@ -172,10 +167,8 @@ def _backward(ctx, grad_objective, grad_divergence, grad_cross_entropy, *_grad_g
     ce_coef = None
     if ce_scale is not None:
         ce_coef = g * ce_scale + (0 if grad_cross_entropy is None else grad_cross_entropy.to(ce_scale.dtype))
-        ce_coef = ce_coef.expand(div_scale.shape).contiguous()
-    div_coef = torch.as_tensor(div_coef, dtype=div_scale.dtype, device=div_scale.device).expand(div_scale.shape)
     _obj, _div, _ce, *grads = distill_op(s_input, s_weight, s_bias, t_input, t_weight, t_bias, target,
-                                         div_coef.contiguous(), ce_coef, *ctx.options, *needs)
+                                         div_coef, ce_coef, *ctx.options, *needs)
     return _in_dtypes(grads, inputs, needs) + none
 
 
