@@ -55,7 +55,10 @@ _DEFAULT_BUDGET_MB = {"cuda": 256.0, "cpu": 3.0}
 _FUSED_MIN_ROWS = {"cuda": 128, "cpu": 128}
 # linear_distillation_loss's chunks are whole rows, so they must be tall enough on their
 # own: on the CPU development machine (2-core EPYC, MKL, 2048 x 256 x 32000 fp32, both
-# heads, forward) chunks of 128 / 256 / 512 / 1024 rows took 3676 / 2997 / 1735 / 1781 ms.
+# heads, forward; bench/results/cpu-2026-11-30/linear_distill_chunk_sweep.log, two idle
+# runs) chunks of 128 / 256 / 512 / 1024 rows took 1190-1225 / 1018-1098 / 926-1136 /
+# 1035-1196 ms; under load from a parallel build the small chunks suffered far more
+# (3676 / 2997 / 1735 / 1781 ms).
 _DISTILL_MIN_ROWS = {"cuda": 128, "cpu": 512}
 # A plan's rows: one chunk of every row, classes per block from the budget and N.
 ALL_ROWS = -1
