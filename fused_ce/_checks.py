@@ -112,14 +112,6 @@ def check_target_device(target: Tensor, device: torch.device, input_name: str = 
         raise ArgumentError(f"{input_name} and target must be on the same device, got {device} and {target.device}")
 
 
-def check_stats_device(device: torch.device) -> None:
-    """The per-token statistics (the ops' .stats overloads) have CPU kernels only, for now."""
-    if device.type != "cpu":
-        raise NotImplementedError(
-            "return_stats=True is not in fused_ce's CUDA kernels yet; compute torch.argmax(logits, -1) on CUDA"
-        )
-
-
 def check_same_device(tensor: Tensor, name: str, device: torch.device, other: str = "input") -> None:
     if tensor.device != device:
         raise ArgumentError(f"{name} must be on {other}'s device ({device}), got {tensor.device}")

@@ -159,8 +159,6 @@ def cross_entropy(
     if return_stats and return_lse:
         raise checks.ArgumentError("return_stats=True already returns the lse; pass return_lse=False")
     _check_inputs(input, target)
-    if return_stats:
-        checks.check_stats_device(input.device)
     class_dim, batch_shape = _class_layout(input)
     if input.dim() == 1 and not target.is_floating_point() and target.shape == (1,):
         target = target.reshape(())  # as PyTorch: an unbatched input takes a target of shape (1,) too

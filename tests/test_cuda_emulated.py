@@ -81,6 +81,12 @@ def _targets(kind, n, v, dtype):
     return y
 
 
+def _copy_with_layout(t):
+    """A copy of t with its strides and storage offset: its rows as (un)aligned as t's."""
+    storage = torch.empty(t.untyped_storage().nbytes() // t.element_size(), dtype=t.dtype)
+    return storage.as_strided(t.shape, t.stride(), t.storage_offset()).copy_(t)
+
+
 def _compare(emulator, logits, target, weight, smoothing, softcap, variant, keep_rows=True, logit_map=(1.0, 1.0)):
     """Forward, backward (with zero, negative and positive coefficients), the fused kernel out
     of place and in place, and (keep_rows) backward_into_'s kept rows, against the CPU kernels;
@@ -96,6 +102,15 @@ def _compare(emulator, logits, target, weight, smoothing, softcap, variant, keep
     want = torch.ops.fused_ce.cross_entropy_forward(logits, target, weight, ignore, smoothing, softcap, **cpu)
     for name, g, w in zip(("loss", "lse", "mass"), got, want):
         torch.testing.assert_close(g, w, **tol, equal_nan=True, msg=lambda m, name=name: f"{name}: {m}")
+    # The argmax in the same pass: the CPU kernels' (torch.argmax's ties), nothing else changed.
+    with_argmax = emulator.forward(
+        logits, target, weight, ignore, smoothing, softcap, 0, -1, variant, **emulated, with_argmax=True
+    )
+    want_stats = torch.ops.fused_ce.cross_entropy_forward.stats(
+        logits, target, weight, ignore, smoothing, softcap, **cpu
+    )
+    _assert_argmax(with_argmax[3:], want_stats[3:], dtype)
+    _assert_bitwise(with_argmax[:3], got)
 
     n = logits.shape[0]
     acc = _acc(dtype)
@@ -119,14 +134,21 @@ def _compare(emulator, logits, target, weight, smoothing, softcap, variant, keep
     want = torch.ops.fused_ce.cross_entropy_fused(
         logits, target, weight, row_scale, z_scale, ignore, smoothing, softcap, **cpu
     )
-    for inplace in (False, True):
-        x = logits.clone() if inplace else logits
-        got = emulator.fused(x, target, weight, row_scale, z_scale, ignore, smoothing, softcap, 0, -1, variant, inplace,
-                             **emulated)
-        for g, w in zip(got, want):
-            torch.testing.assert_close(g, w, **tol, equal_nan=True)
-        if inplace:
-            assert got[3].data_ptr() == x.data_ptr()
+    want_stats = torch.ops.fused_ce.cross_entropy_fused.stats(
+        logits, target, weight, row_scale, z_scale, ignore, smoothing, softcap, **cpu
+    )
+    got = emulator.fused(logits, target, weight, row_scale, z_scale, ignore, smoothing, softcap, 0, -1, variant, False,
+                         **emulated)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **tol, equal_nan=True)
+    # Over the logits, and with the argmax: its batch is read again before the gradient
+    # overwrites it; the other outputs the same bits.
+    x = _copy_with_layout(logits)
+    in_place = emulator.fused(x, target, weight, row_scale, z_scale, ignore, smoothing, softcap, 0, -1, variant, True,
+                              **emulated, with_argmax=True)
+    assert in_place[3].data_ptr() == x.data_ptr()
+    _assert_bitwise(in_place[:4], got)
+    _assert_argmax(in_place[4:], want_stats[4:], dtype)
     # The backward of the fused op recomputes rows with the coefficients ops.py forms (here
     # with an upstream of 1): the same gradient bits as the fused kernel wrote.
     _, f_lse, f_mass, f_grad = got
@@ -146,6 +168,17 @@ def _compare(emulator, logits, target, weight, smoothing, softcap, variant, keep
     )
     torch.testing.assert_close(got_grad[0::2], held[0::2])
     torch.testing.assert_close(got_grad[1::2], want_grad[1::2], **tol, equal_nan=True)
+
+
+def _assert_argmax(got, want, dtype):
+    """(argmax, max_logit) of the kernels against the CPU kernels': the same columns."""
+    assert torch.equal(got[0], want[0]), f"argmax {got[0].tolist()} != {want[0].tolist()}"
+    torch.testing.assert_close(got[1], want[1], **_tolerance(dtype), equal_nan=True)
+
+
+def _assert_bitwise(got, want):
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and torch.equal(g.view(torch.uint8), w.view(torch.uint8)), "changed by the argmax"
 
 
 def _check_options(emulator, logits, variant, options=OPTIONS):
@@ -233,6 +266,80 @@ def test_non_finite_logits_match_the_cpu_kernels(emulator, variant):
     _compare(emulator, logits, probs, None, 0.0, 0.0, variant)
 
 
+def _argmax_rows(v, dtype, layout):
+    """Rows whose argmax is decided by torch.argmax's rules (the lowest column among ties, the
+    first NaN, +inf above all) at columns that fall to different threads, batches and (for the
+    single-read variant) CTAs: the first elements (the scalar head of unaligned rows), the last
+    (the tail), neighbours, columns far apart; with the column each rule picks."""
+    logits = _logits(12, v, dtype, layout)
+    top, last, mid = 50.0, v - 1, v // 2
+    cases = [
+        ((2, mid), top, 2),  # a tie across threads (and CTAs)
+        ((mid, mid + 1), top, mid),  # neighbours: one vector or two lanes
+        ((0, last), top, 0),  # the head against the tail
+        ((last,), top, last),
+        ((mid + 7, 3), float("nan"), 3),  # the first NaN wins
+        ((last - 1, mid), float("inf"), mid),
+        ((1, mid + 3), float("nan"), 1),
+    ]
+    want = []
+    for i, (columns, value, column) in enumerate(cases):
+        logits[i, list(columns)] = value
+        want.append(column)
+    logits[7, :] = float("-inf")  # no finite max: column 0, as torch.argmax
+    want.append(0)
+    logits[8, :] = float("-inf")
+    logits[8, last - 2] = -1e30
+    want.append(last - 2)
+    logits[9, :] = 1.0  # all tied
+    want.append(0)
+    logits[10, :] = float("nan")
+    want.append(0)
+    logits[11, : v - 3] = float("-inf")  # the max in the last few columns
+    want.append(int(logits[11].float().argmax()))
+    return logits, torch.tensor(want)
+
+
+def _check_argmax_rows(emulator, logits, want, variant):
+    n, v = logits.shape
+    target = torch.randint(0, v, (n,))
+    for smoothing, softcap in ((0.0, 0.0), (0.1, 0.0), (0.0, 3.0)):
+        args = (logits, target, None, -100, smoothing, softcap)
+        got = emulator.forward(*args, 0, -1, variant, with_argmax=True)
+        cpu = torch.ops.fused_ce.cross_entropy_forward.stats(*args)
+        fused = emulator.fused(_copy_with_layout(logits), target, None, torch.ones(n), None, -100, smoothing,
+                               softcap, 0, -1, variant, True, with_argmax=True)
+        for argmax, max_logit in (got[3:], fused[4:]):
+            _assert_argmax((argmax, max_logit), cpu[3:], logits.dtype)
+            if softcap == 0.0:
+                assert torch.equal(argmax, want), f"argmax {argmax.tolist()} != {want.tolist()}"
+    # The soft-cap saturates: 60 and 80 both map to 3.0 (tanh rounds to 1), a tie the raw
+    # logits do not have.
+    capped = logits[:1].clone()
+    capped[0, :] = 0.0
+    capped[0, [v - 1, v // 2]] = torch.tensor([80.0, 60.0], dtype=logits.dtype)
+    got = emulator.forward(capped, target[:1], None, -100, 0.0, 3.0, 0, -1, variant, with_argmax=True)
+    assert got[3].tolist() == [v // 2]
+
+
+@pytest.mark.parametrize("variant", STREAMING + ("stream1024",))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_argmax_ties_and_non_finite_rows(emulator, variant, dtype):
+    torch.manual_seed(0)
+    logits, want = _argmax_rows(3001, dtype, "unaligned")
+    _check_argmax_rows(emulator, logits, want, variant)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_single_read_argmax_across_the_cluster(small_smem, dtype):
+    w = 16 // torch.tensor([], dtype=dtype).element_size()
+    v = 2 * CTA_VECTORS * w + 3  # a cluster of 3 CTAs
+    assert small_smem.resolved_variant("single_read", v, "forward", 16 // w) == "single_read"
+    torch.manual_seed(1)
+    logits, want = _argmax_rows(v, dtype, "unaligned")
+    _check_argmax_rows(small_smem, logits, want, "single_read")
+
+
 @pytest.mark.parametrize("variant", STREAMING + ("single_read",))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("softcap", [0.0, 4.0])
@@ -318,7 +425,6 @@ def test_scale_rows(emulator, dtype, v, layout):
 # per CTA, so that short rows already need clusters: 32 vectors of 16 bytes a CTA (256
 # bf16 or 128 float32 elements) beside its scratch. V at the boundaries of one CTA, of a
 # cluster of 2, and of the largest cluster (8); past it the streaming kernels run.
-SCRATCH_BYTES = 416  # kScratchBytes
 CTA_VECTORS = 32
 
 
@@ -334,7 +440,7 @@ def _single_read_cases(elements_per_vector):
 
 @pytest.fixture
 def small_smem(emulator):
-    emulator.set_single_read_smem(SCRATCH_BYTES + 16 * CTA_VECTORS)
+    emulator.set_single_read_smem(emulator.single_read_scratch_bytes() + 16 * CTA_VECTORS)
     yield emulator
     emulator.set_single_read_smem(113 * 1024)
 

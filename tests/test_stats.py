@@ -13,13 +13,13 @@ from utils import run_path
 PATHS = ["forward", "fused", "inplace"]
 
 
-def _problem(seed=0, n=12, v=50, dtype=torch.float32):
+def _problem(seed=0, n=12, v=50, dtype=torch.float32, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     x = (3 * torch.randn(n, v, generator=g)).to(dtype)
     target = torch.randint(0, v, (n,), generator=g)
     target[::4] = -100
     target[1] = int(x[1].float().argmax())  # at least one hit
-    return x, target
+    return x.to(device), target.to(device)
 
 
 def _stats(x, target, path, **kwargs):
@@ -36,8 +36,9 @@ def _stats(x, target, path, **kwargs):
 @pytest.mark.parametrize("kwargs", [{}, dict(z_loss=1e-2, label_smoothing=0.1), dict(softcap=2.0, temperature=0.5),
                                     dict(reduction="none"), dict(reduction="sum", weight=torch.rand(50) + 0.5)],
                          ids=["plain", "zloss_smoothing", "softcap_temperature", "none", "sum_weight"])
-def test_loss_and_gradient_bitwise_unchanged(path, kwargs):
-    x, target = _problem()
+def test_loss_and_gradient_bitwise_unchanged(device, path, kwargs):
+    x, target = _problem(device=device)
+    kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     stats, grad = _stats(x, target, path, **kwargs)
     loss, want_grad = run_path(fused_ce.cross_entropy, x, target, path, **kwargs)
     assert torch.equal(stats.loss.detach(), loss)
@@ -47,13 +48,15 @@ def test_loss_and_gradient_bitwise_unchanged(path, kwargs):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-def test_predicted_is_torch_argmax_and_accuracy_counts_the_counted_rows(path, dtype):
-    x, target = _problem(dtype=dtype)
-    x[2, 7] = x[2, 9] = x[2].max() + 1  # a tie: the lower index
+@pytest.mark.parametrize("v", [50, 3001, 20000])  # on CUDA: a warp, 256 and 512 threads per row
+def test_predicted_is_torch_argmax_and_accuracy_counts_the_counted_rows(device, path, dtype, v):
+    x, target = _problem(dtype=dtype, v=v, device=device)
+    x[2, 7] = x[2, v - 9] = x[2].max() + 1  # a tie: the lower index
     x[3, :] = -math.inf  # all masked: 0, as torch.argmax
-    x[5, 11] = math.nan  # a NaN is the largest
+    x[5, v - 11] = math.nan  # a NaN is the largest; the first
     x[5, 30] = math.nan
     x[6, 40:] = -math.inf
+    x[7, :] = x[7].max()  # all tied: 0
     stats, _ = _stats(x, target, path)
     assert stats.predicted.dtype == torch.long
     assert torch.equal(stats.predicted, torch.argmax(x, dim=1))
@@ -63,8 +66,8 @@ def test_predicted_is_torch_argmax_and_accuracy_counts_the_counted_rows(path, dt
     torch.testing.assert_close(stats.accuracy, want.float())
 
 
-def test_lse_and_z_loss_part():
-    x, target = _problem(v=300)
+def test_lse_and_z_loss_part(device):
+    x, target = _problem(v=300, device=device)
     stats = fused_ce.cross_entropy(x, target, z_loss=1e-2, temperature=2.0, return_stats=True)
     torch.testing.assert_close(stats.lse, torch.logsumexp(x / 2.0, 1))
     without = fused_ce.cross_entropy(x, target, temperature=2.0)
@@ -110,19 +113,13 @@ def test_opcheck_of_the_stats_overloads():
     torch.library.opcheck(torch.ops.fused_ce.cross_entropy_fused.stats, (x, target, None, rows, None, *options))
 
 
-def test_cuda_says_not_yet(cuda_device):
-    x = torch.randn(3, 5, device=cuda_device)
-    with pytest.raises(NotImplementedError, match="return_stats"):
-        fused_ce.cross_entropy(x, torch.zeros(3, dtype=torch.long, device=cuda_device), return_stats=True)
-
-
 @pytest.mark.parametrize("chunk_size", [None, 3, (4, 16), (None, 32)], ids=["default", "rows3", "blocks", "allrows"])
 @pytest.mark.parametrize("grad", [False, True])
-def test_linear_cross_entropy(chunk_size, grad):
+def test_linear_cross_entropy(device, chunk_size, grad):
     g = torch.Generator().manual_seed(9)
-    h = torch.randn(3, 6, 8, generator=g, requires_grad=grad)
-    w = torch.randn(40, 8, generator=g, requires_grad=grad)
-    target = torch.randint(0, 40, (3, 6), generator=g)
+    h = torch.randn(3, 6, 8, generator=g).to(device).requires_grad_(grad)
+    w = torch.randn(40, 8, generator=g).to(device).requires_grad_(grad)
+    target = torch.randint(0, 40, (3, 6), generator=g).to(device)
     target[0] = -100
     with torch.set_grad_enabled(grad):
         stats = fused_ce.linear_cross_entropy(h, w, target, chunk_size=chunk_size, z_loss=1e-3, return_stats=True)

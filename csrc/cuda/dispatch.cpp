@@ -19,29 +19,66 @@
 namespace fused_ce::cuda {
 namespace {
 
+using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The statistics pass: per-row (loss or objective, lse, mass) and, with_argmax, the row's
+// argmax and its logit (the .stats overloads); with grad (row_scale given), the gradient of
+// the objective written to *grad in the same kernel.
+Stats forward_into(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                   const at::Tensor* row_scale, const std::optional<at::Tensor>& z_scale, int64_t ignore_index,
+                   double label_smoothing, double softcap, int64_t vocab_start, int64_t vocab_total, double logit_scale,
+                   double temperature, const at::Tensor* grad, bool with_argmax) {
+  check_logit_map(logit_scale, temperature);
+  check_forward_args(logits, target, weight, label_smoothing, softcap);
+  if (grad) check_fused_args(logits, *row_scale, z_scale);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const at::Tensor target_rows = target.is_floating_point() ? target : target.contiguous();
+  const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
+  const int64_t N = logits.size(0);
+  const auto opts = logits.options().dtype(accumulate_type(logits.scalar_type()));
+  at::Tensor loss = at::empty({N}, opts), lse = at::empty({N}, opts), mass = at::empty({N}, opts);
+  at::Tensor argmax = at::empty({with_argmax ? N : 0}, logits.options().dtype(at::kLong));
+  at::Tensor max_logit = at::empty({with_argmax ? N : 0}, opts);
+  const at::Tensor row_scale_c = grad ? row_scale->contiguous() : at::Tensor();
+  const at::Tensor z_scale_c = grad && z_scale.has_value() ? z_scale->contiguous() : at::Tensor();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "fused_ce_forward_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    ForwardOutputs<acc_t> out{loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), mass.data_ptr<acc_t>()};
+    if (with_argmax) {
+      out.argmax = argmax.data_ptr<int64_t>();
+      out.max_logit = max_logit.data_ptr<acc_t>();
+    }
+    GradInForward<scalar_t> with_grad;
+    if (grad) {
+      with_grad.row_scale = row_scale_c.const_data_ptr<acc_t>();
+      with_grad.z_scale = z_scale_c.defined() ? z_scale_c.const_data_ptr<acc_t>() : nullptr;
+      with_grad.grad = grad->data_ptr<scalar_t>();
+      with_grad.grad_stride = grad->stride(0);
+    }
+    launch_forward(make_problem<scalar_t>(logits, target_rows, w, ignore_index, label_smoothing, softcap, vocab_start,
+                                          vocab_total, logit_scale, temperature),
+                   out, with_grad, stream);
+  });
+  return {loss, lse, mass, argmax, max_logit};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& logits, const at::Tensor& target,
                                                             const std::optional<at::Tensor>& weight,
                                                             int64_t ignore_index, double label_smoothing,
                                                             double softcap, int64_t vocab_start, int64_t vocab_total,
                                                             double logit_scale, double temperature) {
-  check_logit_map(logit_scale, temperature);
-  check_forward_args(logits, target, weight, label_smoothing, softcap);
-  const c10::cuda::CUDAGuard guard(logits.device());
-  const at::Tensor target_rows = target.is_floating_point() ? target : target.contiguous();
-  const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
-  const auto opts = logits.options().dtype(accumulate_type(logits.scalar_type()));
-  at::Tensor loss = at::empty({logits.size(0)}, opts);
-  at::Tensor lse = at::empty({logits.size(0)}, opts);
-  at::Tensor mass = at::empty({logits.size(0)}, opts);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "fused_ce_forward_cuda", [&] {
-    using acc_t = acc_type<scalar_t>;
-    launch_forward(make_problem<scalar_t>(logits, target_rows, w, ignore_index, label_smoothing, softcap, vocab_start,
-                                          vocab_total, logit_scale, temperature),
-                   ForwardOutputs<acc_t>{loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), mass.data_ptr<acc_t>()},
-                   GradInForward<scalar_t>{}, stream);
-  });
+  auto [loss, lse, mass, argmax, max_logit] =
+      forward_into(logits, target, weight, nullptr, std::nullopt, ignore_index, label_smoothing, softcap, vocab_start,
+                   vocab_total, logit_scale, temperature, nullptr, false);
   return {loss, lse, mass};
+}
+
+Stats forward_stats_cuda(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                         int64_t ignore_index, double label_smoothing, double softcap, int64_t vocab_start,
+                         int64_t vocab_total, double logit_scale, double temperature) {
+  return forward_into(logits, target, weight, nullptr, std::nullopt, ignore_index, label_smoothing, softcap,
+                      vocab_start, vocab_total, logit_scale, temperature, nullptr, true);
 }
 
 void backward_into(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
@@ -105,59 +142,45 @@ void backward_inplace_cuda(const at::Tensor& logits, const at::Tensor& target, c
                 vocab_start, vocab_total, logit_scale, temperature);
 }
 
-// Shared by the out-of-place and in-place fused ops: grad is the buffer to write.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_into(const at::Tensor& logits, const at::Tensor& target,
-                                                          const std::optional<at::Tensor>& weight,
-                                                          const at::Tensor& row_scale,
-                                                          const std::optional<at::Tensor>& z_scale,
-                                                          int64_t ignore_index, double label_smoothing, double softcap,
-                                                          int64_t vocab_start, int64_t vocab_total, double logit_scale,
-                                                          double temperature, const at::Tensor& grad) {
-  check_forward_args(logits, target, weight, label_smoothing, softcap);
-  check_fused_args(logits, row_scale, z_scale);
-  const c10::cuda::CUDAGuard guard(logits.device());
-  const at::Tensor target_rows = target.is_floating_point() ? target : target.contiguous();
-  const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
-  const at::Tensor row_scale_c = row_scale.contiguous();
-  const at::Tensor z_scale_c = z_scale.has_value() ? z_scale->contiguous() : at::Tensor();
-  const auto opts = logits.options().dtype(accumulate_type(logits.scalar_type()));
-  at::Tensor objective = at::empty({logits.size(0)}, opts);
-  at::Tensor lse = at::empty({logits.size(0)}, opts);
-  at::Tensor mass = at::empty({logits.size(0)}, opts);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "fused_ce_fused_cuda", [&] {
-    using acc_t = acc_type<scalar_t>;
-    GradInForward<scalar_t> with_grad;
-    with_grad.row_scale = row_scale_c.const_data_ptr<acc_t>();
-    with_grad.z_scale = z_scale_c.defined() ? z_scale_c.const_data_ptr<acc_t>() : nullptr;
-    with_grad.grad = grad.data_ptr<scalar_t>();
-    with_grad.grad_stride = grad.stride(0);
-    launch_forward(make_problem<scalar_t>(logits, target_rows, w, ignore_index, label_smoothing, softcap, vocab_start,
-                                          vocab_total, logit_scale, temperature),
-                   ForwardOutputs<acc_t>{objective.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), mass.data_ptr<acc_t>()},
-                   with_grad, stream);
-  });
-  return {objective, lse, mass};
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cuda(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const at::Tensor& row_scale, const std::optional<at::Tensor>& z_scale, int64_t ignore_index, double label_smoothing,
     double softcap, int64_t vocab_start, int64_t vocab_total, double logit_scale, double temperature) {
-  check_logit_map(logit_scale, temperature);
   at::Tensor grad = at::empty(logits.sizes(), logits.options());
-  auto [objective, lse, mass] = fused_into(logits, target, weight, row_scale, z_scale, ignore_index, label_smoothing,
-                                           softcap, vocab_start, vocab_total, logit_scale, temperature, grad);
+  auto [objective, lse, mass, argmax, max_logit] =
+      forward_into(logits, target, weight, &row_scale, z_scale, ignore_index, label_smoothing, softcap, vocab_start,
+                   vocab_total, logit_scale, temperature, &grad, false);
   return {objective, lse, mass, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_stats_cuda(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    const at::Tensor& row_scale, const std::optional<at::Tensor>& z_scale, int64_t ignore_index, double label_smoothing,
+    double softcap, int64_t vocab_start, int64_t vocab_total, double logit_scale, double temperature) {
+  at::Tensor grad = at::empty(logits.sizes(), logits.options());
+  auto [objective, lse, mass, argmax, max_logit] =
+      forward_into(logits, target, weight, &row_scale, z_scale, ignore_index, label_smoothing, softcap, vocab_start,
+                   vocab_total, logit_scale, temperature, &grad, true);
+  return {objective, lse, mass, grad, argmax, max_logit};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_inplace_cuda(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const at::Tensor& row_scale, const std::optional<at::Tensor>& z_scale, int64_t ignore_index, double label_smoothing,
     double softcap, int64_t vocab_start, int64_t vocab_total, double logit_scale, double temperature) {
-  check_logit_map(logit_scale, temperature);
-  return fused_into(logits, target, weight, row_scale, z_scale, ignore_index, label_smoothing, softcap, vocab_start,
-                    vocab_total, logit_scale, temperature, logits);
+  auto [objective, lse, mass, argmax, max_logit] =
+      forward_into(logits, target, weight, &row_scale, z_scale, ignore_index, label_smoothing, softcap, vocab_start,
+                   vocab_total, logit_scale, temperature, &logits, false);
+  return {objective, lse, mass};
+}
+
+Stats fused_inplace_stats_cuda(const at::Tensor& logits, const at::Tensor& target,
+                               const std::optional<at::Tensor>& weight, const at::Tensor& row_scale,
+                               const std::optional<at::Tensor>& z_scale, int64_t ignore_index, double label_smoothing,
+                               double softcap, int64_t vocab_start, int64_t vocab_total, double logit_scale,
+                               double temperature) {
+  return forward_into(logits, target, weight, &row_scale, z_scale, ignore_index, label_smoothing, softcap, vocab_start,
+                      vocab_total, logit_scale, temperature, &logits, true);
 }
 
 template <typename scalar_t>
@@ -279,6 +302,9 @@ TORCH_LIBRARY_IMPL(fused_ce, CUDA, m) {
   m.impl("cross_entropy_backward_", &backward_inplace_cuda);
   m.impl("cross_entropy_fused", &fused_cuda);
   m.impl("cross_entropy_fused_", &fused_inplace_cuda);
+  m.impl("cross_entropy_forward.stats", &forward_stats_cuda);
+  m.impl("cross_entropy_fused.stats", &fused_stats_cuda);
+  m.impl("cross_entropy_fused_.stats", &fused_inplace_stats_cuda);
   m.impl("scale_rows_", &scale_rows_cuda);
   m.impl("entropy_forward", &entropy_forward_cuda);
   m.impl("entropy_backward", &entropy_backward_cuda);

@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "common/ce_math.h"
@@ -378,7 +379,12 @@ struct RowMath {
 
 // ---- The statistics pass ---------------------------------------------------------------
 
-// A thread's running statistics in the loop's form: RowStats plus the exp2 bias of its max.
+// No column: the argmax of a thread, CTA or row that has seen no finite or +inf logit.
+constexpr int kNoColumn = std::numeric_limits<int>::max();
+
+// A thread's running statistics in the loop's form: RowStats plus the exp2 bias of its max,
+// and the batch that raised the max to its value (for the row's argmax, found after the
+// loop: see thread_argmax).
 template <typename acc_t>
 struct LoopStats {
   acc_t max = neg_inf<acc_t>();
@@ -386,18 +392,28 @@ struct LoopStats {
   acc_t sum = 0;   // sum_c exp2(z_c log2(e) + bias) = sum_c exp(z_c - max)
   acc_t mass = 0;  // spread targets only
   acc_t gap = 0;
+  int max_batch = kNoColumn;  // that batch's first column, as for_each_owned hands it
+  int max_batch_size = 0;     // and its elements
+
+  __device__ __forceinline__ RowStats<acc_t> stats() const { return {max, sum, mass, gap}; }
 };
 
-// Adds n logits z to a thread's statistics, with spread targets also their T_c =
-// target_of(k) (computed only in the sum loop, so that a batch holds n logits in
-// registers, not 2n values). The max of the batch comes first, so that the running sum
-// is rescaled at most once a batch (rarely, after the first batches).
+// Adds n logits z -- the batch for_each_owned hands over at column c0 -- to a thread's
+// statistics, with spread targets also their T_c = target_of(k) (computed only in the sum
+// loop, so that a batch holds n logits in registers, not 2n values). The max of the batch
+// comes first, so that the running sum is rescaled at most once a batch (rarely, after the
+// first batches); that rare branch also notes the batch, so that the argmax costs the loop
+// nothing.
 template <class O, int n, typename acc_t, typename TargetFn>
-__device__ __forceinline__ void add_batch(LoopStats<acc_t>& s, const acc_t (&z)[n], TargetFn target_of) {
+__device__ __forceinline__ void add_batch(LoopStats<acc_t>& s, const acc_t (&z)[n], int c0, TargetFn target_of) {
   acc_t m = s.max;
 #pragma unroll
   for (int k = 0; k < n; ++k) m = max_nan(m, z[k]);
   if (m != s.max) {  // (a NaN max never equals itself: the sum stays NaN)
+    if (s.max == s.max) {  // ties keep the earlier batch; a NaN max its first NaN's
+      s.max_batch = c0;
+      s.max_batch_size = n;
+    }
     const acc_t bias = exp2_bias(m);
     s.sum *= exp2_approx(fma_(s.max, kLog2e<acc_t>, bias));  // 0 from an empty sum, or from max -inf
     if constexpr (O::spread) {
@@ -424,13 +440,19 @@ __device__ __forceinline__ void add_batch(LoopStats<acc_t>& s, const acc_t (&z)[
   }
 }
 
+// Column k of the batch that for_each_owned hands over at c0 (a scalar: k = 0).
+template <typename scalar_t, int kThreads>
+__device__ __forceinline__ int batch_column(int c0, int k) {
+  constexpr int W = kVecWidth<scalar_t>;
+  return c0 + k / W * kThreads * W + k % W;
+}
+
 // This thread's statistics of row x (the one-hot entry not included).
 template <typename scalar_t, int kThreads, class O>
-__device__ __forceinline__ RowStats<acc_type<scalar_t>> thread_statistics(const RowMath<scalar_t, O>& rm,
-                                                                          const scalar_t* x, const RowSplit& split,
-                                                                          int lane) {
+__device__ __forceinline__ LoopStats<acc_type<scalar_t>> thread_statistics(const RowMath<scalar_t, O>& rm,
+                                                                           const scalar_t* x, const RowSplit& split,
+                                                                           int lane) {
   using acc_t = acc_type<scalar_t>;
-  constexpr int W = kVecWidth<scalar_t>;
   LoopStats<acc_t> s;
   for_each_owned<scalar_t, kThreads, kReadBatch>(
       x, NoOutput{}, split, lane,
@@ -439,13 +461,64 @@ __device__ __forceinline__ RowStats<acc_type<scalar_t>> thread_statistics(const 
         acc_t z[n];
 #pragma unroll
         for (int k = 0; k < n; ++k) z[k] = rm.logit(v[k]);
-        add_batch<O>(s, z, [&](int k) { return rm.spread_target(c0 + k / W * kThreads * W + k % W); });
+        add_batch<O>(s, z, c0, [&](int k) { return rm.spread_target(batch_column<scalar_t, kThreads>(c0, k)); });
       },
       [&](acc_t xc, int c) {
         const acc_t z[1] = {rm.logit(xc)};
-        add_batch<O>(s, z, [&](int) { return rm.spread_target(c); });
+        add_batch<O>(s, z, c, [&](int) { return rm.spread_target(c); });
       });
-  return {s.max, s.sum, s.mass, s.gap};
+  return s;
+}
+
+// ---- The row's argmax (the ops' .stats overloads) ----------------------------------------
+//
+// torch.argmax's: the lowest column among ties, a NaN the largest (its first NaN), of the
+// logits the loss sees (z, after the logit map). Each thread knows its max and the batch
+// that raised it; the threads whose max is the row's look in that batch again (a few
+// vectors per row, read after the loop so that it carries nothing for the argmax), and the
+// lowest column among them wins. Only where the launch asks for it (out.argmax).
+
+// Whether a thread's (or CTA's) max m is the row's max: equal, or both NaN.
+template <typename acc_t>
+__device__ __forceinline__ bool is_row_max(acc_t m, acc_t row_max) {
+  return m == row_max || (row_max != row_max && m != m);
+}
+
+// The first column in this thread's batch noted by thread_statistics whose z is the row's
+// max; kNoColumn if the thread's max is not the row's (or it saw only -inf). The thread
+// owns the batch: in place, no other thread writes it, and this one has not yet.
+template <typename scalar_t, int kThreads, class O>
+__device__ __forceinline__ int thread_argmax(const RowMath<scalar_t, O>& rm, const scalar_t* x,
+                                             const LoopStats<acc_type<scalar_t>>& s, acc_type<scalar_t> row_max) {
+  using acc_t = acc_type<scalar_t>;
+  if (s.max_batch == kNoColumn || !is_row_max(s.max, row_max)) return kNoColumn;
+  for (int k = 0; k < s.max_batch_size; ++k) {
+    const int c = batch_column<scalar_t, kThreads>(s.max_batch, k);
+    const acc_t z = rm.logit(static_cast<acc_t>(x[c]));
+    if (z == row_max || z != z) return c;  // (a NaN only where the row's max is NaN)
+  }
+  return kNoColumn;  // not reached: the batch holds the max
+}
+
+// The lowest of the kThreads threads' columns (every thread gets it); 0 where none has one
+// (a row of -inf logits, or of none), as torch.argmax.
+template <int kThreads>
+__device__ __forceinline__ int merge_argmax(int column) {
+#pragma unroll
+  for (int offset = (kThreads < kWarp ? kThreads : kWarp) / 2; offset > 0; offset /= 2) {
+    const int other = __shfl_xor_sync(0xffffffffu, column, offset);
+    column = other < column ? other : column;
+  }
+  if constexpr (kThreads > kWarp) {
+    constexpr int kWarps = kThreads / kWarp;
+    __shared__ int partial[kWarps];
+    if (threadIdx.x % kWarp == 0) partial[threadIdx.x / kWarp] = column;
+    __syncthreads();
+    column = partial[0];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) column = partial[w] < column ? partial[w] : column;
+  }
+  return column == kNoColumn ? 0 : column;
 }
 
 // ---- The gradient ------------------------------------------------------------------------
@@ -544,13 +617,18 @@ struct FusedRow {
 };
 
 // The row's outputs, by its writer thread. A bad class index never makes a kernel read out
-// of bounds: the row's results are NaN instead (see fused_ce.set_target_validation).
+// of bounds: the row's results are NaN instead (see fused_ce.set_target_validation); its
+// argmax, which does not depend on the target, is written as for any row.
 template <typename acc_t>
 __device__ __forceinline__ void write_outputs(const ForwardOutputs<acc_t>& out, int64_t row, bool bad_target,
-                                              acc_t reported, acc_t lse, acc_t mass) {
+                                              acc_t reported, acc_t lse, acc_t mass, int argmax, acc_t row_max) {
   out.loss[row] = bad_target ? quiet_nan<acc_t>() : reported;
   out.lse[row] = bad_target ? quiet_nan<acc_t>() : lse;
   if (out.mass) out.mass[row] = bad_target ? quiet_nan<acc_t>() : mass;
+  if (out.argmax) {
+    out.argmax[row] = argmax;
+    out.max_logit[row] = row_max;
+  }
 }
 
 // ---- Kernels -----------------------------------------------------------------------------
@@ -575,7 +653,12 @@ __global__ void __launch_bounds__(block_size<kThreads>(), 1)
   // The target's logit, read by the lane that owns it before any of its own stores (the
   // gradient may overwrite the row); only that lane computes the loss.
   const acc_t z_y = rm.index >= 0 && lane == writer ? rm.logit(static_cast<acc_t>(x[rm.index])) : acc_t(0);
-  RowStats<acc_t> s = merge_row<kThreads>(thread_statistics<scalar_t, kThreads>(rm, x, split, lane));
+  const LoopStats<acc_t> mine = thread_statistics<scalar_t, kThreads>(rm, x, split, lane);
+  RowStats<acc_t> s = merge_row<kThreads>(mine.stats());
+  const acc_t row_max = s.max;
+  // (Before the gradient: in place it overwrites the batch thread_argmax reads. out.argmax is
+  // the same for the whole launch, so merge_argmax's barrier is reached by every thread.)
+  const int argmax = out.argmax ? merge_argmax<kThreads>(thread_argmax<scalar_t, kThreads>(rm, x, mine, row_max)) : 0;
   if (rm.index >= 0) add_target(s, rm.one_hot_target(), z_y);  // s.gap: the writer's alone is right
   const acc_t lse = row_lse(s);
   acc_t reported = rm.ignored ? acc_t(0) : row_loss(s);
@@ -585,7 +668,7 @@ __global__ void __launch_bounds__(block_size<kThreads>(), 1)
                                        f.p_coef, f.t_coef);
     reported = objective(reported, lse, f.row_scale, f.z_scale);
   }
-  if (lane == writer) write_outputs(out, row, rm.bad_target, reported, lse, s.mass);
+  if (lane == writer) write_outputs(out, row, rm.bad_target, reported, lse, s.mass, argmax, row_max);
 }
 
 template <typename scalar_t, int kThreads, unsigned kOpts>

@@ -100,9 +100,10 @@ __device__ __forceinline__ void copy_async_wait_all() {
 
 // Shared memory of a CTA besides the row: the block reduction's scratch and the slots its
 // cluster peers read.
-struct SingleReadScratch {  // (double: exact for float and double alike)
+struct SingleReadScratch {  // (double: exact for float, double and int alike)
   double warp_part[kSingleReadThreads / kWarp][3];
   double slot_max;     // this CTA's max, for its peers
+  double slot_argmax;  // this CTA's argmax column (kNoColumn: none)
   double slot_sum[3];  // this CTA's sum, mass, gap (relative to the row's max)
 };
 constexpr size_t kScratchBytes = (sizeof(SingleReadScratch) + 15) / 16 * 16;
@@ -130,23 +131,40 @@ inline SingleReadShape single_read_shape(int64_t num_classes, int element_size, 
 
 // ---- Reductions over a CTA and its cluster ------------------------------------------------
 
-// The max over the CTA's threads, then over the cluster's CTAs in rank order (every thread
-// of the cluster gets the same value).
+// op(a, b) over the CTA's threads' values v, then over the cluster's CTAs in rank order,
+// through scratch.*slot, which no other reduction of the kernel writes (a peer may still
+// read it while this CTA goes on). Every thread of the cluster gets the same value.
+template <typename T, typename Op>
+__device__ __forceinline__ T cluster_reduce(T v, Op op, SingleReadScratch& scratch, double SingleReadScratch::*slot,
+                                            int cluster) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  constexpr int kWarps = kSingleReadThreads / kWarp;
+  if (threadIdx.x % kWarp == 0) scratch.warp_part[threadIdx.x / kWarp][0] = double(v);
+  __syncthreads();
+  T block = T(scratch.warp_part[0][0]);
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) block = op(block, T(scratch.warp_part[w][0]));
+  if (threadIdx.x == 0) scratch.*slot = double(block);
+  cluster_sync();  // the slots are written; also: every thread has read warp_part
+  T row = T(cluster_peer(&(scratch.*slot), 0)[0]);
+  for (int r = 1; r < cluster; ++r) row = op(row, T(cluster_peer(&(scratch.*slot), r)[0]));
+  return row;
+}
+
+// The row's max.
 template <typename acc_t>
 __device__ __forceinline__ acc_t cluster_max(acc_t m, SingleReadScratch& scratch, int cluster) {
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) m = max_nan(m, __shfl_xor_sync(0xffffffffu, m, offset));
-  constexpr int kWarps = kSingleReadThreads / kWarp;
-  if (threadIdx.x % kWarp == 0) scratch.warp_part[threadIdx.x / kWarp][0] = double(m);
-  __syncthreads();
-  acc_t block = acc_t(scratch.warp_part[0][0]);
-#pragma unroll
-  for (int w = 1; w < kWarps; ++w) block = max_nan(block, acc_t(scratch.warp_part[w][0]));
-  if (threadIdx.x == 0) scratch.slot_max = double(block);
-  cluster_sync();  // the slots are written; also: every thread has read warp_part
-  acc_t row = acc_t(cluster_peer(&scratch.slot_max, 0)[0]);
-  for (int r = 1; r < cluster; ++r) row = max_nan(row, acc_t(cluster_peer(&scratch.slot_max, r)[0]));
-  return row;
+  return cluster_reduce(m, [](acc_t a, acc_t b) { return max_nan(a, b); }, scratch, &SingleReadScratch::slot_max,
+                        cluster);
+}
+
+// The row's argmax from its threads' first columns of the row's max (kernels.cuh): the
+// lowest; 0 where none has one, as torch.argmax.
+__device__ __forceinline__ int cluster_argmax(int column, SingleReadScratch& scratch, int cluster) {
+  column = cluster_reduce(column, [](int a, int b) { return a < b ? a : b; }, scratch,
+                          &SingleReadScratch::slot_argmax, cluster);
+  return column == kNoColumn ? 0 : column;
 }
 
 // Sums of (sum, mass, gap) over the CTA's threads, then over the cluster in rank order.
@@ -257,6 +275,30 @@ __global__ void __launch_bounds__(kSingleReadThreads, kSingleReadCtasPerSm)
   }
   const acc_t row_max = cluster_max(m, scratch, cluster);
 
+  // The row's argmax, where asked: the threads whose max is the row's look for its first
+  // column in their copy (usually one thread, a few vectors); the others wait at the barrier.
+  int argmax = 0;
+  if (out.argmax) {  // (the same for the whole launch: every CTA reaches the cluster's barriers)
+    int first_column = kNoColumn;
+    if (is_row_max(m, row_max)) {
+      auto holds_max = [&](acc_t z) { return z == row_max || z != z; };  // (a NaN only in a NaN row)
+      if (head_column >= 0 && holds_max(head_z)) {
+        first_column = head_column;
+      } else {
+        for (int i = tid; i < count && first_column == kNoColumn; i += kSingleReadThreads) {
+          acc_t v[W];
+          unpack_chunk(i, v);
+#pragma unroll
+          for (int k = W - 1; k >= 0; --k) {
+            if (holds_max(rm.logit(v[k]))) first_column = column(i, k);
+          }
+        }
+        if (first_column == kNoColumn && tail_column >= 0 && holds_max(tail_z)) first_column = tail_column;
+      }
+    }
+    argmax = cluster_argmax(first_column, scratch, cluster);
+  }
+
   // 2. sum_c exp(z_c - max), and with spread targets their mass and gap: the max is final.
   const acc_t bias = exp2_bias(row_max);
   acc_t part[3] = {0, 0, 0};  // sum, mass, gap
@@ -336,7 +378,7 @@ __global__ void __launch_bounds__(kSingleReadThreads, kSingleReadCtasPerSm)
     }
     reported = objective(reported, lse, f.row_scale, f.z_scale);
   }
-  if (writer) write_outputs(out, row, rm.bad_target, reported, lse, s.mass);
+  if (writer) write_outputs(out, row, rm.bad_target, reported, lse, s.mass, argmax, row_max);
   cluster_sync();  // no CTA leaves while a peer may still read its slots
 #endif
 }

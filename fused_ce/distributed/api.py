@@ -212,8 +212,6 @@ def vocab_parallel_cross_entropy(
     """
     cap = _check_options(reduction, label_smoothing, ignore_index, z_loss, softcap, temperature, logit_scale)
     checks.check_floating(logits_shard, "logits_shard")
-    if return_stats:
-        checks.check_stats_device(logits_shard.device)
     if logits_shard.dim() == 0 or logits_shard.shape[-1] == 0:
         raise checks.ArgumentError(
             f"logits_shard must have a non-empty class dimension last, got shape {tuple(logits_shard.shape)}"
@@ -307,8 +305,6 @@ def vocab_parallel_linear_cross_entropy(
     cap = _check_options(reduction, label_smoothing, ignore_index, z_loss, softcap, temperature, logit_scale)
     checks.check_floating(input, "input")
     checks.check_floating(weight_shard, "weight_shard")
-    if return_stats:
-        checks.check_stats_device(input.device)
     if torch.is_autocast_enabled(input.device.type):
         # The matmul in autocast's dtype, as F.linear would run it; the casts stay
         # outside the Function, so the gradients reach fp32 parameters as usual.

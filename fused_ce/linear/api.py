@@ -171,8 +171,6 @@ def linear_cross_entropy(
     batch_shape = input.shape[:-1]
     checks.check_tensor(target, "target")
     checks.check_target_device(target, input.device)
-    if return_stats:
-        checks.check_stats_device(input.device)
     rows = target_rows(target, batch_shape=batch_shape, probs_shape=(*batch_shape, num_classes), class_dim=-1,
                        probs_dtype=compute_dtype(input.dtype, input.device), ignore_index_given=ignore_index_given)
     acc = accumulate_dtype(input.dtype)

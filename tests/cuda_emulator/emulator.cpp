@@ -48,23 +48,45 @@ std::string resolved_variant(const std::string& name, int64_t num_classes, const
   return kVariantNames[static_cast<int>(v)];
 }
 
+// The row's argmax and its logit (the .stats overloads), where asked: [N] tensors or empty.
+struct ArgmaxTensors {
+  at::Tensor index, value;
+
+  ArgmaxTensors(const at::Tensor& logits, bool with_argmax) {
+    const int64_t n = with_argmax ? logits.size(0) : 0;
+    index = at::empty({n}, logits.options().dtype(at::kLong));
+    value = at::empty({n}, logits.options().dtype(accumulate_type(logits.scalar_type())));
+  }
+
+  template <typename acc_t>
+  void into(ForwardOutputs<acc_t>& out) {
+    if (index.numel() == 0) return;
+    out.argmax = index.data_ptr<int64_t>();
+    out.max_logit = value.data_ptr<acc_t>();
+  }
+};
+
+// with_argmax: loss, lse, mass, argmax, max_logit (else the first three).
 std::vector<at::Tensor> forward(const at::Tensor& logits, const at::Tensor& target,
                                 const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing,
                                 double softcap, int64_t vocab_start, int64_t vocab_total, const std::string& variant,
-                                double logit_scale, double temperature) {
+                                double logit_scale, double temperature, bool with_argmax) {
   check_forward_args(logits, target, weight, label_smoothing, softcap);
   const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
   const at::Tensor rows = target.is_floating_point() ? target : target.contiguous();
   const auto opts = logits.options().dtype(accumulate_type(logits.scalar_type()));
   at::Tensor loss = at::empty({logits.size(0)}, opts), lse = at::empty_like(loss), mass = at::empty_like(loss);
+  ArgmaxTensors argmax(logits, with_argmax);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "emulated_forward", [&] {
     using acc_t = acc_type<scalar_t>;
     const auto p = make_problem<scalar_t>(logits, rows, w, ignore_index, label_smoothing, softcap, vocab_start,
                                           vocab_total, logit_scale, temperature);
-    const ForwardOutputs<acc_t> out{loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), mass.data_ptr<acc_t>()};
+    ForwardOutputs<acc_t> out{loss.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), mass.data_ptr<acc_t>()};
+    argmax.into(out);
     run_forward(p, out, GradInForward<scalar_t>{}, variant_named<scalar_t>(variant, p.num_classes, kPassForward),
                 emulated_device(), EmulatorLauncher{});
   });
+  if (with_argmax) return {loss, lse, mass, argmax.index, argmax.value};
   return {loss, lse, mass};
 }
 
@@ -99,7 +121,7 @@ std::vector<at::Tensor> fused(const at::Tensor& logits, const at::Tensor& target
                               const std::optional<at::Tensor>& weight, const at::Tensor& row_scale,
                               const std::optional<at::Tensor>& z_scale, int64_t ignore_index, double label_smoothing,
                               double softcap, int64_t vocab_start, int64_t vocab_total, const std::string& variant,
-                              bool inplace, double logit_scale, double temperature) {
+                              bool inplace, double logit_scale, double temperature, bool with_argmax) {
   check_forward_args(logits, target, weight, label_smoothing, softcap);
   check_fused_args(logits, row_scale, z_scale);
   const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
@@ -108,11 +130,13 @@ std::vector<at::Tensor> fused(const at::Tensor& logits, const at::Tensor& target
   at::Tensor objective = at::empty({logits.size(0)}, opts), lse = at::empty_like(objective);
   at::Tensor mass = at::empty_like(objective);
   at::Tensor grad = inplace ? logits : at::empty(logits.sizes(), logits.options());
+  ArgmaxTensors argmax(logits, with_argmax);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "emulated_fused", [&] {
     using acc_t = acc_type<scalar_t>;
     const auto p = make_problem<scalar_t>(logits, rows, w, ignore_index, label_smoothing, softcap, vocab_start,
                                           vocab_total, logit_scale, temperature);
-    const ForwardOutputs<acc_t> out{objective.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), mass.data_ptr<acc_t>()};
+    ForwardOutputs<acc_t> out{objective.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), mass.data_ptr<acc_t>()};
+    argmax.into(out);
     GradInForward<scalar_t> with_grad;
     with_grad.row_scale = row_scale.const_data_ptr<acc_t>();
     with_grad.z_scale = z_scale.has_value() ? z_scale->const_data_ptr<acc_t>() : nullptr;
@@ -121,6 +145,7 @@ std::vector<at::Tensor> fused(const at::Tensor& logits, const at::Tensor& target
     run_forward(p, out, with_grad, variant_named<scalar_t>(variant, p.num_classes, kPassFused), emulated_device(),
                 EmulatorLauncher{});
   });
+  if (with_argmax) return {objective, lse, mass, grad, argmax.index, argmax.value};
   return {objective, lse, mass, grad};
 }
 
@@ -159,10 +184,12 @@ void scale_rows(at::Tensor rows, const at::Tensor& scale) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
-  // The logit map last, defaulting to the identity (softcap(logit_scale * x) / temperature).
+  // The logit map after the variant, defaulting to the identity (softcap(logit_scale * x) /
+  // temperature); with_argmax last (the .stats overloads' two more outputs).
   m.def("forward", &fused_ce::cuda::forward, py::arg("logits"), py::arg("target"), py::arg("weight"),
         py::arg("ignore_index"), py::arg("label_smoothing"), py::arg("softcap"), py::arg("vocab_start"),
-        py::arg("vocab_total"), py::arg("variant"), py::arg("logit_scale") = 1.0, py::arg("temperature") = 1.0);
+        py::arg("vocab_total"), py::arg("variant"), py::arg("logit_scale") = 1.0, py::arg("temperature") = 1.0,
+        py::arg("with_argmax") = false);
   m.def("backward", &fused_ce::cuda::backward, py::arg("logits"), py::arg("target"), py::arg("weight"), py::arg("lse"),
         py::arg("p_coef"), py::arg("t_coef"), py::arg("ignore_index"), py::arg("label_smoothing"), py::arg("softcap"),
         py::arg("vocab_start"), py::arg("vocab_total"), py::arg("variant"), py::arg("keep_where_one"),
@@ -170,10 +197,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused", &fused_ce::cuda::fused, py::arg("logits"), py::arg("target"), py::arg("weight"), py::arg("row_scale"),
         py::arg("z_scale"), py::arg("ignore_index"), py::arg("label_smoothing"), py::arg("softcap"),
         py::arg("vocab_start"), py::arg("vocab_total"), py::arg("variant"), py::arg("inplace"),
-        py::arg("logit_scale") = 1.0, py::arg("temperature") = 1.0);
+        py::arg("logit_scale") = 1.0, py::arg("temperature") = 1.0, py::arg("with_argmax") = false);
   m.def("scale_rows", &fused_ce::cuda::scale_rows);
   m.def("entropy", &fused_ce::cuda::entropy, py::arg("logits"), py::arg("grad_entropy"), py::arg("variant"),
         py::arg("temperature") = 1.0);
   m.def("set_single_read_smem", &fused_ce::cuda::set_single_read_smem);
+  m.def("single_read_scratch_bytes", [] { return int64_t(fused_ce::cuda::kScratchBytes); });
   m.def("resolved_variant", &fused_ce::cuda::resolved_variant);
 }
