@@ -393,7 +393,6 @@ struct LoopStats {
   acc_t mass = 0;  // spread targets only
   acc_t gap = 0;
   int max_batch = kNoColumn;  // that batch's first column, as for_each_owned hands it
-  int max_batch_size = 0;     // and its elements
 
   __device__ __forceinline__ RowStats<acc_t> stats() const { return {max, sum, mass, gap}; }
 };
@@ -410,10 +409,7 @@ __device__ __forceinline__ void add_batch(LoopStats<acc_t>& s, const acc_t (&z)[
 #pragma unroll
   for (int k = 0; k < n; ++k) m = max_nan(m, z[k]);
   if (m != s.max) {  // (a NaN max never equals itself: the sum stays NaN)
-    if (s.max == s.max) {  // ties keep the earlier batch; a NaN max its first NaN's
-      s.max_batch = c0;
-      s.max_batch_size = n;
-    }
+    if (s.max == s.max) s.max_batch = c0;  // ties keep the earlier batch; a NaN max its first NaN's
     const acc_t bias = exp2_bias(m);
     s.sum *= exp2_approx(fma_(s.max, kLog2e<acc_t>, bias));  // 0 from an empty sum, or from max -inf
     if constexpr (O::spread) {
@@ -484,15 +480,26 @@ __device__ __forceinline__ bool is_row_max(acc_t m, acc_t row_max) {
   return m == row_max || (row_max != row_max && m != m);
 }
 
+// The elements of the batch for_each_owned hands over at c0 (in its statistics pass): a
+// scalar of the head or tail, kReadBatch vectors while they fit, then single vectors. (So
+// the loop state carries one column, not a size as well.)
+template <typename scalar_t, int kThreads>
+__device__ __forceinline__ int batch_size_at(const RowSplit& split, int c0) {
+  constexpr int W = kVecWidth<scalar_t>;
+  if (c0 < split.head || c0 >= split.body_end) return 1;
+  return c0 + (kReadBatch - 1) * kThreads * W < split.body_end ? kReadBatch * W : W;
+}
+
 // The first column in this thread's batch noted by thread_statistics whose z is the row's
 // max; kNoColumn if the thread's max is not the row's (or it saw only -inf). The thread
 // owns the batch: in place, no other thread writes it, and this one has not yet.
 template <typename scalar_t, int kThreads, class O>
-__device__ __forceinline__ int thread_argmax(const RowMath<scalar_t, O>& rm, const scalar_t* x,
+__device__ __forceinline__ int thread_argmax(const RowMath<scalar_t, O>& rm, const scalar_t* x, const RowSplit& split,
                                              const LoopStats<acc_type<scalar_t>>& s, acc_type<scalar_t> row_max) {
   using acc_t = acc_type<scalar_t>;
   if (s.max_batch == kNoColumn || !is_row_max(s.max, row_max)) return kNoColumn;
-  for (int k = 0; k < s.max_batch_size; ++k) {
+  const int n = batch_size_at<scalar_t, kThreads>(split, s.max_batch);
+  for (int k = 0; k < n; ++k) {
     const int c = batch_column<scalar_t, kThreads>(s.max_batch, k);
     const acc_t z = rm.logit(static_cast<acc_t>(x[c]));
     if (z == row_max || z != z) return c;  // (a NaN only where the row's max is NaN)
@@ -658,7 +665,8 @@ __global__ void __launch_bounds__(block_size<kThreads>(), 1)
   const acc_t row_max = s.max;
   // (Before the gradient: in place it overwrites the batch thread_argmax reads. out.argmax is
   // the same for the whole launch, so merge_argmax's barrier is reached by every thread.)
-  const int argmax = out.argmax ? merge_argmax<kThreads>(thread_argmax<scalar_t, kThreads>(rm, x, mine, row_max)) : 0;
+  int argmax = 0;
+  if (out.argmax) argmax = merge_argmax<kThreads>(thread_argmax<scalar_t, kThreads>(rm, x, split, mine, row_max));
   if (rm.index >= 0) add_target(s, rm.one_hot_target(), z_y);  // s.gap: the writer's alone is right
   const acc_t lse = row_lse(s);
   acc_t reported = rm.ignored ? acc_t(0) : row_loss(s);

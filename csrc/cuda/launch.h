@@ -45,9 +45,9 @@ template <typename acc_t>
 struct ForwardOutputs {
   acc_t* loss;  // [num_rows]: the loss, or with a gradient in the forward pass the objective
   acc_t* lse;
-  acc_t* mass;                  // may be nullptr
-  int64_t* argmax = nullptr;    // [num_rows], or nullptr: the row's argmax (the .stats overloads) ...
-  acc_t* max_logit = nullptr;   // ... and its logit after the logit map; both or neither
+  acc_t* mass;                 // may be nullptr
+  int64_t* argmax = nullptr;   // [num_rows], or nullptr: the row's argmax (the .stats overloads) ...
+  acc_t* max_logit = nullptr;  // ... and its logit after the logit map; both or neither
 };
 
 // The gradient written by the forward pass (see objective() in common/ce_math.h).
