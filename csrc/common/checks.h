@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <optional>
+#include <utility>
 
 #include "common/ce_math.h"
 
@@ -121,6 +122,20 @@ inline void check_distill_args(const at::Tensor& student, const at::Tensor& teac
   TORCH_CHECK_VALUE(beta >= 0.0 && beta <= 1.0, "beta must be in [0, 1], got ", beta);
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0, "temperature must be finite and > 0, got ",
                     temperature);
+}
+
+// distill_backward's: forward's arguments, and forward's per-row outputs and the upstream
+// gradient, each [N] in the accumulation dtype.
+inline void check_distill_backward_args(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& aux,
+                                        const at::Tensor& lse_student, const at::Tensor& lse_teacher,
+                                        const at::Tensor& grad_loss, int64_t kind, double beta, double temperature) {
+  check_distill_args(student, teacher, kind, beta, temperature);
+  for (const auto& [t, name] : {std::pair{&aux, "aux"},
+                                {&lse_student, "lse_student"},
+                                {&lse_teacher, "lse_teacher"},
+                                {&grad_loss, "grad_loss"}}) {
+    check_row_vector(*t, name, student);
+  }
 }
 
 // The slice of the vocabulary the logits hold (see ops.cpp): classes

@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include "common/checks.h"
+#include "common/forward_ops.h"
 #include "cpu/kernels.h"
 
 namespace fused_ce::cpu {
@@ -95,15 +96,13 @@ at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) 
   return at::empty(sizes, options);
 }
 
-using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
 // The statistics pass: per-row (loss or objective, lse, mass) and, with_argmax, the
 // row's argmax and its logit (the .stats overloads); with grad, the gradient of the
 // objective written to grad in the same pass.
-Stats forward_into(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                   const at::Tensor* row_scale, const std::optional<at::Tensor>& z_scale, int64_t ignore_index,
-                   double label_smoothing, double softcap, int64_t vocab_start, int64_t vocab_total, double logit_scale,
-                   double temperature, const at::Tensor* grad, bool with_argmax) {
+ForwardStats forward_into(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                          const at::Tensor* row_scale, const std::optional<at::Tensor>& z_scale, int64_t ignore_index,
+                          double label_smoothing, double softcap, int64_t vocab_start, int64_t vocab_total,
+                          double logit_scale, double temperature, const at::Tensor* grad, bool with_argmax) {
   const KernelArgs args = make_args(logits, target, weight, ignore_index, label_smoothing, softcap, vocab_start,
                                     vocab_total, logit_scale, temperature);
   if (grad) check_fused_args(logits, *row_scale, z_scale);
@@ -119,65 +118,6 @@ Stats forward_into(const at::Tensor& logits, const at::Tensor& target, const std
   }
   FUSED_CE_CPU_CALL(forward, args, loss, lse, mass, with_grad ? &*with_grad : nullptr, with_argmax ? &argmax : nullptr);
   return {loss, lse, mass, argmax.index, argmax.value};
-}
-
-Stats forward_stats_cpu(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                        int64_t ignore_index, double label_smoothing, double softcap, int64_t vocab_start,
-                        int64_t vocab_total, double logit_scale, double temperature) {
-  return forward_into(logits, target, weight, nullptr, std::nullopt, ignore_index, label_smoothing, softcap,
-                      vocab_start, vocab_total, logit_scale, temperature, nullptr, true);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits, const at::Tensor& target,
-                                                           const std::optional<at::Tensor>& weight,
-                                                           int64_t ignore_index, double label_smoothing, double softcap,
-                                                           int64_t vocab_start, int64_t vocab_total, double logit_scale,
-                                                           double temperature) {
-  auto [loss, lse, mass, index, value] =
-      forward_into(logits, target, weight, nullptr, std::nullopt, ignore_index, label_smoothing, softcap, vocab_start,
-                   vocab_total, logit_scale, temperature, nullptr, false);
-  return {loss, lse, mass};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_stats_cpu(
-    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    const at::Tensor& row_scale, const std::optional<at::Tensor>& z_scale, int64_t ignore_index, double label_smoothing,
-    double softcap, int64_t vocab_start, int64_t vocab_total, double logit_scale, double temperature) {
-  at::Tensor grad = empty_large(logits.sizes(), logits.options());
-  auto [objective, lse, mass, index, value] =
-      forward_into(logits, target, weight, &row_scale, z_scale, ignore_index, label_smoothing, softcap, vocab_start,
-                   vocab_total, logit_scale, temperature, &grad, true);
-  return {objective, lse, mass, grad, index, value};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cpu(
-    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    const at::Tensor& row_scale, const std::optional<at::Tensor>& z_scale, int64_t ignore_index, double label_smoothing,
-    double softcap, int64_t vocab_start, int64_t vocab_total, double logit_scale, double temperature) {
-  at::Tensor grad = empty_large(logits.sizes(), logits.options());
-  auto [objective, lse, mass, index, value] =
-      forward_into(logits, target, weight, &row_scale, z_scale, ignore_index, label_smoothing, softcap, vocab_start,
-                   vocab_total, logit_scale, temperature, &grad, false);
-  return {objective, lse, mass, grad};
-}
-
-Stats fused_inplace_stats_cpu(const at::Tensor& logits, const at::Tensor& target,
-                              const std::optional<at::Tensor>& weight, const at::Tensor& row_scale,
-                              const std::optional<at::Tensor>& z_scale, int64_t ignore_index, double label_smoothing,
-                              double softcap, int64_t vocab_start, int64_t vocab_total, double logit_scale,
-                              double temperature) {
-  return forward_into(logits, target, weight, &row_scale, z_scale, ignore_index, label_smoothing, softcap, vocab_start,
-                      vocab_total, logit_scale, temperature, &logits, true);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_inplace_cpu(
-    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    const at::Tensor& row_scale, const std::optional<at::Tensor>& z_scale, int64_t ignore_index, double label_smoothing,
-    double softcap, int64_t vocab_start, int64_t vocab_total, double logit_scale, double temperature) {
-  auto [objective, lse, mass, index, value] =
-      forward_into(logits, target, weight, &row_scale, z_scale, ignore_index, label_smoothing, softcap, vocab_start,
-                   vocab_total, logit_scale, temperature, &logits, false);
-  return {objective, lse, mass};
 }
 
 std::tuple<at::Tensor, at::Tensor> entropy_forward_cpu(const at::Tensor& logits, double temperature) {
@@ -269,13 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_forward_cpu(c
 at::Tensor distill_backward_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& aux,
                                 const at::Tensor& lse_student, const at::Tensor& lse_teacher,
                                 const at::Tensor& grad_loss, int64_t kind, double beta, double temperature) {
-  check_distill_args(student, teacher, kind, beta, temperature);
-  for (const auto& [t, name] : {std::pair{&aux, "aux"},
-                                {&lse_student, "lse_student"},
-                                {&lse_teacher, "lse_teacher"},
-                                {&grad_loss, "grad_loss"}}) {
-    check_row_vector(*t, name, student);
-  }
+  check_distill_backward_args(student, teacher, aux, lse_student, lse_teacher, grad_loss, kind, beta, temperature);
   const DistillArgs args{student, teacher, kind, beta, temperature};
   at::Tensor grad = empty_large(student.sizes(), student.options());
   FUSED_CE_CPU_CALL(distill_backward, args, aux.contiguous(), lse_student.contiguous(), lse_teacher.contiguous(),
@@ -286,15 +220,10 @@ at::Tensor distill_backward_cpu(const at::Tensor& student, const at::Tensor& tea
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_ce, CPU, m) {
-  m.impl("cross_entropy_forward", &forward_cpu);
-  m.impl("cross_entropy_forward.stats", &forward_stats_cpu);
-  m.impl("cross_entropy_fused.stats", &fused_stats_cpu);
-  m.impl("cross_entropy_fused_.stats", &fused_inplace_stats_cpu);
+  ForwardOps<&forward_into, &empty_large>::register_ops(m);
   m.impl("cross_entropy_backward", &backward_cpu);
   m.impl("cross_entropy_backward_into_", &backward_into_cpu);
   m.impl("cross_entropy_backward_", &backward_inplace_cpu);
-  m.impl("cross_entropy_fused", &fused_cpu);
-  m.impl("cross_entropy_fused_", &fused_inplace_cpu);
   m.impl("scale_rows_", &scale_rows_cpu);
   m.impl("entropy_forward", &entropy_forward_cpu);
   m.impl("entropy_backward", &entropy_backward_cpu);

@@ -13,21 +13,20 @@
 #include <torch/library.h>
 
 #include "common/checks.h"
+#include "common/forward_ops.h"
 #include "cuda/distill_problem.h"
 #include "cuda/problem.h"
 
 namespace fused_ce::cuda {
 namespace {
 
-using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
 // The statistics pass: per-row (loss or objective, lse, mass) and, with_argmax, the row's
 // argmax and its logit (the .stats overloads); with grad (row_scale given), the gradient of
 // the objective written to *grad in the same kernel.
-Stats forward_into(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                   const at::Tensor* row_scale, const std::optional<at::Tensor>& z_scale, int64_t ignore_index,
-                   double label_smoothing, double softcap, int64_t vocab_start, int64_t vocab_total, double logit_scale,
-                   double temperature, const at::Tensor* grad, bool with_argmax) {
+ForwardStats forward_into(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                          const at::Tensor* row_scale, const std::optional<at::Tensor>& z_scale, int64_t ignore_index,
+                          double label_smoothing, double softcap, int64_t vocab_start, int64_t vocab_total,
+                          double logit_scale, double temperature, const at::Tensor* grad, bool with_argmax) {
   check_logit_map(logit_scale, temperature);
   check_forward_args(logits, target, weight, label_smoothing, softcap);
   if (grad) check_fused_args(logits, *row_scale, z_scale);
@@ -63,23 +62,7 @@ Stats forward_into(const at::Tensor& logits, const at::Tensor& target, const std
   return {loss, lse, mass, argmax, max_logit};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& logits, const at::Tensor& target,
-                                                            const std::optional<at::Tensor>& weight,
-                                                            int64_t ignore_index, double label_smoothing,
-                                                            double softcap, int64_t vocab_start, int64_t vocab_total,
-                                                            double logit_scale, double temperature) {
-  auto [loss, lse, mass, argmax, max_logit] =
-      forward_into(logits, target, weight, nullptr, std::nullopt, ignore_index, label_smoothing, softcap, vocab_start,
-                   vocab_total, logit_scale, temperature, nullptr, false);
-  return {loss, lse, mass};
-}
-
-Stats forward_stats_cuda(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                         int64_t ignore_index, double label_smoothing, double softcap, int64_t vocab_start,
-                         int64_t vocab_total, double logit_scale, double temperature) {
-  return forward_into(logits, target, weight, nullptr, std::nullopt, ignore_index, label_smoothing, softcap,
-                      vocab_start, vocab_total, logit_scale, temperature, nullptr, true);
-}
+at::Tensor empty_grad(at::IntArrayRef sizes, const at::TensorOptions& options) { return at::empty(sizes, options); }
 
 void backward_into(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
                    const std::optional<at::Tensor>& weight, const at::Tensor& lse, const at::Tensor& p_coef,
@@ -140,47 +123,6 @@ void backward_inplace_cuda(const at::Tensor& logits, const at::Tensor& target, c
   check_logit_map(logit_scale, temperature);
   backward_into(logits, logits, target, weight, lse, p_coef, t_coef, nullptr, ignore_index, label_smoothing, softcap,
                 vocab_start, vocab_total, logit_scale, temperature);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cuda(
-    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    const at::Tensor& row_scale, const std::optional<at::Tensor>& z_scale, int64_t ignore_index, double label_smoothing,
-    double softcap, int64_t vocab_start, int64_t vocab_total, double logit_scale, double temperature) {
-  at::Tensor grad = at::empty(logits.sizes(), logits.options());
-  auto [objective, lse, mass, argmax, max_logit] =
-      forward_into(logits, target, weight, &row_scale, z_scale, ignore_index, label_smoothing, softcap, vocab_start,
-                   vocab_total, logit_scale, temperature, &grad, false);
-  return {objective, lse, mass, grad};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_stats_cuda(
-    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    const at::Tensor& row_scale, const std::optional<at::Tensor>& z_scale, int64_t ignore_index, double label_smoothing,
-    double softcap, int64_t vocab_start, int64_t vocab_total, double logit_scale, double temperature) {
-  at::Tensor grad = at::empty(logits.sizes(), logits.options());
-  auto [objective, lse, mass, argmax, max_logit] =
-      forward_into(logits, target, weight, &row_scale, z_scale, ignore_index, label_smoothing, softcap, vocab_start,
-                   vocab_total, logit_scale, temperature, &grad, true);
-  return {objective, lse, mass, grad, argmax, max_logit};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_inplace_cuda(
-    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    const at::Tensor& row_scale, const std::optional<at::Tensor>& z_scale, int64_t ignore_index, double label_smoothing,
-    double softcap, int64_t vocab_start, int64_t vocab_total, double logit_scale, double temperature) {
-  auto [objective, lse, mass, argmax, max_logit] =
-      forward_into(logits, target, weight, &row_scale, z_scale, ignore_index, label_smoothing, softcap, vocab_start,
-                   vocab_total, logit_scale, temperature, &logits, false);
-  return {objective, lse, mass};
-}
-
-Stats fused_inplace_stats_cuda(const at::Tensor& logits, const at::Tensor& target,
-                               const std::optional<at::Tensor>& weight, const at::Tensor& row_scale,
-                               const std::optional<at::Tensor>& z_scale, int64_t ignore_index, double label_smoothing,
-                               double softcap, int64_t vocab_start, int64_t vocab_total, double logit_scale,
-                               double temperature) {
-  return forward_into(logits, target, weight, &row_scale, z_scale, ignore_index, label_smoothing, softcap, vocab_start,
-                      vocab_total, logit_scale, temperature, &logits, true);
 }
 
 template <typename scalar_t>
@@ -252,12 +194,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_forward_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "fused_ce_distill_forward_cuda",
                                   [&] {
-                                    using acc_t = acc_type<scalar_t>;
                                     auto r = make_distill_rows<scalar_t>(student, teacher, beta, temperature);
-                                    r.loss = loss.data_ptr<acc_t>();
-                                    r.aux = aux.data_ptr<acc_t>();
-                                    r.lse_student = lse_student.data_ptr<acc_t>();
-                                    r.lse_teacher = lse_teacher.data_ptr<acc_t>();
+                                    set_distill_row_outputs(r, loss, aux, lse_student, lse_teacher);
                                     launch_distill_forward(r, kind, stream);
                                   });
   return {loss, aux, lse_student, lse_teacher};
@@ -266,13 +204,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_forward_cuda(
 at::Tensor distill_backward_cuda(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& aux,
                                  const at::Tensor& lse_student, const at::Tensor& lse_teacher,
                                  const at::Tensor& grad_loss, int64_t kind, double beta, double temperature) {
-  check_distill_args(student, teacher, kind, beta, temperature);
-  for (const auto& [t, name] : {std::pair{&aux, "aux"},
-                                {&lse_student, "lse_student"},
-                                {&lse_teacher, "lse_teacher"},
-                                {&grad_loss, "grad_loss"}}) {
-    check_row_vector(*t, name, student);
-  }
+  check_distill_backward_args(student, teacher, aux, lse_student, lse_teacher, grad_loss, kind, beta, temperature);
   const c10::cuda::CUDAGuard guard(student.device());
   const at::Tensor aux_c = aux.contiguous(), lse_s = lse_student.contiguous(), lse_t = lse_teacher.contiguous();
   at::Tensor grad = at::empty(student.sizes(), student.options());
@@ -285,9 +217,7 @@ at::Tensor distill_backward_cuda(const at::Tensor& student, const at::Tensor& te
                                     r.aux = const_cast<acc_t*>(aux_c.const_data_ptr<acc_t>());
                                     r.lse_student = const_cast<acc_t*>(lse_s.const_data_ptr<acc_t>());
                                     r.lse_teacher = const_cast<acc_t*>(lse_t.const_data_ptr<acc_t>());
-                                    r.grad_loss = grad_loss.const_data_ptr<acc_t>();
-                                    r.grad_loss_stride = grad_loss.stride(0);
-                                    r.grad = grad.data_ptr<scalar_t>();
+                                    set_distill_backward(r, grad_loss, grad);
                                     launch_distill_backward(r, kind, stream);
                                   });
   return grad;
@@ -296,15 +226,10 @@ at::Tensor distill_backward_cuda(const at::Tensor& student, const at::Tensor& te
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_ce, CUDA, m) {
-  m.impl("cross_entropy_forward", &forward_cuda);
+  ForwardOps<&forward_into, &empty_grad>::register_ops(m);
   m.impl("cross_entropy_backward", &backward_cuda);
   m.impl("cross_entropy_backward_into_", &backward_into_cuda);
   m.impl("cross_entropy_backward_", &backward_inplace_cuda);
-  m.impl("cross_entropy_fused", &fused_cuda);
-  m.impl("cross_entropy_fused_", &fused_inplace_cuda);
-  m.impl("cross_entropy_forward.stats", &forward_stats_cuda);
-  m.impl("cross_entropy_fused.stats", &fused_stats_cuda);
-  m.impl("cross_entropy_fused_.stats", &fused_inplace_stats_cuda);
   m.impl("scale_rows_", &scale_rows_cuda);
   m.impl("entropy_forward", &entropy_forward_cuda);
   m.impl("entropy_backward", &entropy_backward_cuda);

@@ -25,4 +25,23 @@ DistillRows<scalar_t> make_distill_rows(const at::Tensor& student, const at::Ten
   return r;
 }
 
+// Forward's per-row outputs, [N] in the accumulation dtype, for the forward kernel to write.
+template <typename scalar_t>
+void set_distill_row_outputs(DistillRows<scalar_t>& r, const at::Tensor& loss, const at::Tensor& aux,
+                             const at::Tensor& lse_student, const at::Tensor& lse_teacher) {
+  using acc_t = acc_type<scalar_t>;
+  r.loss = loss.data_ptr<acc_t>();
+  r.aux = aux.data_ptr<acc_t>();
+  r.lse_student = lse_student.data_ptr<acc_t>();
+  r.lse_teacher = lse_teacher.data_ptr<acc_t>();
+}
+
+// The backward's upstream gradient grad_loss [N] and the student's gradient grad [N, V] it writes.
+template <typename scalar_t>
+void set_distill_backward(DistillRows<scalar_t>& r, const at::Tensor& grad_loss, const at::Tensor& grad) {
+  r.grad_loss = grad_loss.const_data_ptr<acc_type<scalar_t>>();
+  r.grad_loss_stride = grad_loss.stride(0);
+  r.grad = grad.data_ptr<scalar_t>();
+}
+
 }  // namespace fused_ce::cuda

@@ -22,15 +22,9 @@ std::vector<at::Tensor> distill(const at::Tensor& student, const at::Tensor& tea
   at::Tensor loss = at::empty({N}, opts), aux = at::empty({N}, opts), lse_s = at::empty({N}, opts),
              lse_t = at::empty({N}, opts), grad = at::empty(student.sizes(), student.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "emulated_distill", [&] {
-    using acc_t = acc_type<scalar_t>;
     auto r = make_distill_rows<scalar_t>(student, teacher, beta, temperature);
-    r.loss = loss.data_ptr<acc_t>();
-    r.aux = aux.data_ptr<acc_t>();
-    r.lse_student = lse_s.data_ptr<acc_t>();
-    r.lse_teacher = lse_t.data_ptr<acc_t>();
-    r.grad_loss = grad_loss.const_data_ptr<acc_t>();
-    r.grad_loss_stride = grad_loss.stride(0);
-    r.grad = grad.data_ptr<scalar_t>();
+    set_distill_row_outputs(r, loss, aux, lse_s, lse_t);
+    set_distill_backward(r, grad_loss, grad);
     dispatch_distill_kind(kind, [&](auto k) {
       // A block a row, no dynamic shared memory, no clusters.
       emu::launch(N, kDistillThreads, 0, 1, distill_forward_kernel<scalar_t, decltype(k)::value>, r);
