@@ -121,7 +121,7 @@ def cross_entropy(
             per-row lse, the z-loss part, the predicted class per row and the token
             accuracy -- tracked in the same pass as the loss (no second pass over the
             logits, no host synchronisation; the loss and gradient are bitwise those
-            without it). CPU kernels for now.
+            without it). CPU and CUDA.
         size_average, reduce: deprecated, as in ``F.cross_entropy``.
 
     Returns:
